@@ -1,0 +1,136 @@
+"""Configuration dataclasses, built straight from a checkpoint's ``config.json``.
+
+Unknown keys are dropped; derived sizes are computed in ``__post_init__``. Keys that the
+LLaDA2.0-Uni ``config.json`` leaves out get the LLaDA2-family values (spec backbone.md 2.2), not the
+generic transformers defaults, which would build a different model (e.g. a tied head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A checkpoint config that cannot describe a valid model."""
+
+
+def _from_dict(cls, raw: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+@dataclass
+class BackboneConfig:
+    """The LLaDA2 MoE backbone (``model_type = llada2_moe``).
+
+    Defaults are the LLaDA2.0-Uni values; the fields marked "family default" are absent from the
+    Uni ``config.json`` and take the LLaDA2 value (spec 2.2).
+    """
+
+    vocab_size: int = 173568
+    hidden_size: int = 2048
+    intermediate_size: int = 5120
+    num_hidden_layers: int = 20
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: int | None = 128
+    hidden_act: str = "silu"
+    use_qkv_bias: bool = False
+    use_qk_norm: bool = True
+    use_bias: bool = False
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 8192
+    rope_theta: float = 600000.0
+    partial_rotary_factor: float = 0.5
+    rope_parameters: dict | None = None
+    rotary_dim: int | None = None
+    pad_token_id: int = 156892
+    eos_token_id: int | list[int] | None = None
+    num_experts: int = 256
+    num_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    moe_intermediate_size: int = 512
+    first_k_dense_replace: int = 1
+    image_token_offset: int = 157184
+    # family defaults (absent from the Uni config.json)
+    score_function: str = "sigmoid"
+    norm_topk_prob: bool = True
+    moe_router_enable_expert_bias: bool = True
+    router_dtype: str = "fp32"
+    tie_word_embeddings: bool = False
+    mask_token_id: int = 156895
+    torch_dtype: str = "bfloat16"
+    model_type: str = "llada2_moe"
+    # derived
+    image_vocab_size: int = field(init=False)
+    num_kv_groups: int = field(init=False)
+    qkv_size: int = field(init=False)
+    experts_per_group: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_parameters:
+            # transformers >= 4.56 style nests theta / partial factor; the flat keys are the fallback.
+            self.rope_theta = float(self.rope_parameters.get("rope_theta", self.rope_theta))
+            self.partial_rotary_factor = float(
+                self.rope_parameters.get("partial_rotary_factor", self.partial_rotary_factor))
+        if self.rotary_dim is None:
+            self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)
+        self.image_vocab_size = self.vocab_size - self.image_token_offset
+        self.num_kv_groups = self.num_attention_heads // max(self.num_key_value_heads, 1)
+        self.qkv_size = (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+        self.experts_per_group = self.num_experts // max(self.n_group, 1)
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            (self.num_attention_heads % self.num_key_value_heads == 0,
+             "num_attention_heads must be a multiple of num_key_value_heads"),
+            (self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim,
+             f"rotary_dim {self.rotary_dim} must be even and within head_dim {self.head_dim}"),
+            (self.num_experts % self.n_group == 0, "num_experts must be a multiple of n_group"),
+            (self.topk_group <= self.n_group, "topk_group must not exceed n_group"),
+            (self.num_experts_per_tok <= self.topk_group * self.experts_per_group,
+             "num_experts_per_tok exceeds the experts reachable in topk_group groups"),
+            (0 < self.image_token_offset < self.vocab_size,
+             "image_token_offset must lie inside the vocabulary"),
+            (self.score_function == "sigmoid",
+             f"score_function {self.score_function!r} is not supported (LLaDA2 uses sigmoid)"),
+            (self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported"),
+            (not self.tie_word_embeddings, "tied word embeddings are not supported by LLaDA2"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "BackboneConfig":
+        return _from_dict(cls, raw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "BackboneConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every key written explicitly (spec 2.2: other implementations' defaults differ)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        out["architectures"] = ["LLaDA2MoeModelLM"]
+        return out

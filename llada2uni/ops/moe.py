@@ -1,0 +1,70 @@
+"""Mixture-of-experts routing and expert dispatch (spec 3.4).
+
+``route`` is the LLaDA2 group-limited sigmoid router; ``experts_reference`` is the clear dispatch
+(tokens grouped by expert, one matmul pair per expert that received tokens). Faster dispatch
+backends are tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def route(router_logits: Tensor, expert_bias: Tensor, *, n_group: int, topk_group: int, top_k: int,
+          routed_scaling_factor: float, norm_topk_prob: bool = True) -> tuple[Tensor, Tensor]:
+    """Pick ``top_k`` experts per token and their weights. All fp32.
+
+    router_logits [N, E] fp32 -> (expert ids [N, k] int64, weights [N, k] fp32).
+    The bias steers *selection only*; weights are the unbiased sigmoid scores, renormalised over the
+    chosen experts and multiplied by ``routed_scaling_factor``.
+    """
+    assert router_logits.dtype == torch.float32 and expert_bias.dtype == torch.float32
+    n, e = router_logits.shape
+    scores = torch.sigmoid(router_logits)
+    biased = scores + expert_bias
+    grouped = biased.view(n, n_group, e // n_group)
+    group_scores = grouped.topk(min(2, e // n_group), dim=-1).values.sum(dim=-1)  # [N, G]
+    keep_groups = group_scores.topk(topk_group, dim=-1).indices
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
+    # Experts outside the kept groups are excluded with -inf (not 0.0): biased scores can be
+    # negative, and a 0.0 fill would then let an excluded group's expert win (spec 3.4: "among experts
+    # of groups in G").
+    candidates = biased.masked_fill(~group_mask.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    expert_ids = candidates.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, expert_ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return expert_ids, weights * routed_scaling_factor
+
+
+def swiglu(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+    """down(silu(gate x) * up x) with gate/up fused as w13 = [gate; up] along the output dim."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def experts_reference(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+    """Weighted sum of the chosen experts, accumulated in fp32.
+
+    x [N, H]; expert_ids/weights [N, k]; w13 [E, 2I, H]; w2 [E, H, I] -> [N, H] fp32.
+    Token slots are sorted by expert so each expert runs once on all its tokens.
+    """
+    n, k = expert_ids.shape
+    flat = expert_ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    token_of_slot = order // k
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    out = torch.zeros(n, x.shape[-1], device=x.device, dtype=torch.float32)
+    slot_weights = weights.reshape(-1)[order]
+    begin = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        tokens = token_of_slot[begin:begin + count]
+        y = swiglu(x[tokens], w13[expert], w2[expert])
+        out.index_add_(0, tokens, y.float() * slot_weights[begin:begin + count, None])
+        begin += count
+    return out
+

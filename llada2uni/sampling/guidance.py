@@ -1,0 +1,75 @@
+"""Classifier-free guidance on logits (spec 5.5). Pure; fp32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+KINDS = ("none", "simple", "edit")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How a request's CFG rows are combined.
+
+    kind "simple": rows (c, u), g = u + scale (c - u). kind "edit": rows (c, u, n) with
+    g = u + text_scale (c - u) + image_scale (u - n); with image_scale == 0 the no-image row is not
+    run. rescale > 0 blends in the std-matched g (SGLang uses 0.7; the HF default is UNKNOWN).
+    """
+
+    kind: str = "none"
+    scale: float = 1.0
+    text_scale: float = 1.0
+    image_scale: float = 0.0
+    rescale: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"guidance kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def num_rows(self) -> int:
+        if self.kind == "none":
+            return 1
+        if self.kind == "edit" and self.image_scale > 0:
+            return 3
+        return 2
+
+
+# Written as c + (s - 1)(c - u), algebraically u + s (c - u), so that s = 1 returns c bit-exactly
+# and "CFG scale 1" decodes exactly like no CFG.
+def cfg_simple(c: Tensor, u: Tensor, scale: float) -> Tensor:
+    return c + (scale - 1.0) * (c - u)
+
+
+def cfg_edit(c: Tensor, u: Tensor, n: Tensor, text_scale: float, image_scale: float) -> Tensor:
+    # (u - n): u keeps the image and drops the text, n keeps the text and drops the image (SGLang sign).
+    return cfg_simple(c, u, text_scale) + image_scale * (u - n)
+
+
+def cfg_rescale(g: Tensor, c: Tensor, r: float) -> Tensor:
+    """Match g's per-position spread over the vocabulary to c's (unbiased std), blended by r.
+    Must run before any vocabulary restriction: the std is over all logits (spec 5.5)."""
+    g_r = g * c.std(dim=-1, keepdim=True) / (g.std(dim=-1, keepdim=True) + 1e-6)
+    return r * g_r + (1.0 - r) * g
+
+
+def combine(guidance: Guidance, rows: Tensor) -> Tensor:
+    """rows [R, T, V] (0 = conditional, 1 = no-text "u", 2 = no-image "ui") -> guided logits [T, V] fp32."""
+    if rows.shape[0] < guidance.num_rows:
+        raise ValueError(f"guidance {guidance.kind!r} needs {guidance.num_rows} rows, got {rows.shape[0]}")
+    rows = rows.float()
+    c = rows[0]
+    if guidance.kind == "none":
+        return c
+    if guidance.kind == "simple":
+        g = cfg_simple(c, rows[1], guidance.scale)
+    elif guidance.num_rows == 3:
+        g = cfg_edit(c, rows[1], rows[2], guidance.text_scale, guidance.image_scale)
+    else:
+        g = cfg_simple(c, rows[1], guidance.text_scale)
+    if guidance.rescale > 0:
+        g = cfg_rescale(g, c, guidance.rescale)
+    return g

@@ -1,0 +1,194 @@
+"""Find a checkpoint (local folder or Hugging Face repo id) and stream its safetensors into a model.
+
+Models are built on the meta device; each parameter is then allocated once on the target device in
+its target dtype and filled tensor by tensor straight from the shards, so no second copy of the
+model ever exists. Loading is strict: a missing, unexpected or mis-shaped tensor is an error that
+names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be found or does not match the model."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"unsupported device {device!r} (use cpu or cuda)")
+    return dev
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
+           "fp32": torch.float32, "float": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.bfloat16) -> torch.dtype:
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype} (use bfloat16, float16 or float32)")
+        return dtype
+    key = str(dtype).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (use one of: {', '.join(sorted(_DTYPES))})")
+    return _DTYPES[key]
+
+
+def resolve_checkpoint(path_or_repo: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a Hub repo id, downloaded (or found in the cache)."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; expected a checkpoint folder")
+        return path
+    name = str(path_or_repo)
+    if not _REPO_ID.match(name):
+        raise CheckpointError(f"no checkpoint folder at {path} (and {name!r} is not a Hub repo id)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError(f"huggingface_hub is needed to fetch {name!r}: {e}") from None
+    try:
+        return Path(snapshot_download(name, revision=revision))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{name!r} is not in the local Hugging Face cache and cannot be downloaded (offline: "
+            "no network, or HF_HUB_OFFLINE=1). Download it on a connected machine "
+            f"(`huggingface-cli download {name}`) or pass a local folder.") from None
+    except Exception as e:  # network, auth, unknown repo: one clear message
+        raise CheckpointError(f"could not fetch {name!r} from the Hugging Face Hub: "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def shard_map(directory: Path) -> dict[str, Path]:
+    """Tensor name -> shard file, from the index (or the single-file layout). Checks files exist."""
+    index = directory / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"corrupt index {index}: {type(e).__name__}: {e}") from None
+        files = {name: directory / shard for name, shard in weight_map.items()}
+    elif (directory / SINGLE_NAME).exists():
+        from safetensors import safe_open
+        with _open(directory / SINGLE_NAME, safe_open) as f:
+            files = {name: directory / SINGLE_NAME for name in f.keys()}
+    else:
+        raise CheckpointError(f"no {INDEX_NAME} or {SINGLE_NAME} in {directory}")
+    missing = sorted({str(p) for p in files.values() if not p.exists()})
+    if missing:
+        raise CheckpointError(f"missing shard file(s) listed in {index.name}: {', '.join(missing)}")
+    return files
+
+
+def _open(path: Path, safe_open):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {type(e).__name__}: {e}") from None
+
+
+def materialize(model: nn.Module, device: torch.device, dtype_of: Callable[[str], torch.dtype]) -> None:
+    """Replace every meta parameter by an uninitialised tensor on ``device`` in its target dtype."""
+    for name, param in list(model.named_parameters()):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        tensor = torch.empty(param.shape, dtype=dtype_of(name), device=device)
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: torch.device,
+                    dtype_of: Callable[[str], torch.dtype], optional: tuple[str, ...] = ()) -> None:
+    """Fill a meta-built ``model`` from the shards in ``directory``.
+
+    ``plan`` maps checkpoint names to targets with ``param``, ``index`` and ``shape``. Names ending
+    in one of ``optional`` may be absent (zero-filled, with a warning).
+    """
+    from safetensors import safe_open
+
+    files = shard_map(directory)
+    expected = set(plan)
+    unexpected = sorted(set(files) - expected)
+    missing = sorted(n for n in expected - set(files) if not n.endswith(optional))
+    if unexpected or missing:
+        def few(names: list[str]) -> str:
+            return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing tensor(s): {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensor(s): {few(unexpected)}")
+        raise CheckpointError(f"checkpoint {directory} does not match the model: " + "; ".join(parts))
+
+    params = dict(model.named_parameters())
+    target_params = {t.param for t in plan.values()}
+    stray = sorted(set(params) - target_params)
+    if stray:
+        raise CheckpointError(f"model parameters with no checkpoint source: {', '.join(stray)}")
+
+    materialize(model, device, dtype_of)
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    with torch.no_grad():
+        for path, names in by_file.items():
+            with _open(path, safe_open) as f:
+                for name in names:
+                    target = plan[name]
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(target.shape):
+                        raise CheckpointError(f"tensor {name} in {path.name} has shape {list(shape)}, "
+                                              f"expected {list(target.shape)}")
+                    dest = params[target.param]
+                    if target.index is not None:
+                        dest = dest[target.index]
+                    dest.copy_(f.get_tensor(name))
+        for name in sorted(expected - set(files)):
+            log.warning("%s not in the checkpoint: using zeros", name)
+            target = plan[name]
+            dest = params[target.param]
+            (dest if target.index is None else dest[target.index]).zero_()
+
+
+def load_backbone(directory: Path, *, device: torch.device, dtype: torch.dtype):
+    """Config + strict weight load of the LLaDA2 MoE backbone from a checkpoint folder."""
+    from .config import BackboneConfig
+    from .models.backbone import OPTIONAL_SUFFIXES, LLaDA2MoeForLM, param_dtype, remap
+
+    config = BackboneConfig.from_file(directory / "config.json")
+    with torch.device("meta"):
+        model = LLaDA2MoeForLM(config)
+    load_checkpoint(model, directory, remap(config), device=device,
+                    dtype_of=lambda name: param_dtype(name, dtype), optional=OPTIONAL_SUFFIXES)
+    return model.eval()

@@ -1,0 +1,64 @@
+import torch
+
+from llada2uni.ops.moe import experts_reference, route, swiglu
+
+
+def test_bias_steers_selection_but_not_weights():
+    # spec 3.4 / SGLang test: bias [-2,-2,0.8,0.2], logits [3,2,0,0] -> experts {2,3}, weights 1.25 each
+    logits = torch.tensor([[3.0, 2.0, 0.0, 0.0]])
+    bias = torch.tensor([-2.0, -2.0, 0.8, 0.2])
+    ids, w = route(logits, bias, n_group=1, topk_group=1, top_k=2, routed_scaling_factor=2.5)
+    assert sorted(ids[0].tolist()) == [2, 3]
+    torch.testing.assert_close(w[0], torch.tensor([1.25, 1.25]))
+    # without the bias the unbiased winners are chosen
+    ids0, _ = route(logits, torch.zeros(4), n_group=1, topk_group=1, top_k=2, routed_scaling_factor=2.5)
+    assert sorted(ids0[0].tolist()) == [0, 1]
+
+
+def test_group_limit_uses_sum_of_top2_biased_scores():
+    # 4 groups of 2 experts; keep 2 groups. Expert 0 has the single highest score, but its group's
+    # top-2 sum loses to groups 1 and 2, so it must not be chosen.
+    s = torch.tensor([[0.99, 0.01, 0.8, 0.8, 0.7, 0.7, 0.3, 0.3]])
+    logits = torch.logit(s)
+    ids, w = route(logits, torch.zeros(8), n_group=4, topk_group=2, top_k=2, routed_scaling_factor=1.0)
+    assert sorted(ids[0].tolist()) == [2, 3]
+    # top-4 must come from the kept groups only, even though expert 0 beats 4 and 5
+    ids4, w4 = route(logits, torch.zeros(8), n_group=4, topk_group=2, top_k=4, routed_scaling_factor=2.5)
+    assert sorted(ids4[0].tolist()) == [2, 3, 4, 5]
+    torch.testing.assert_close(w4.sum(), torch.tensor(2.5))
+    torch.testing.assert_close(w4[0], 2.5 * s[0, ids4[0]] / s[0, [2, 3, 4, 5]].sum())
+
+
+def test_negative_biased_scores_never_leak_from_excluded_groups():
+    # All biased scores in the kept groups are negative; a 0.0 fill for excluded experts would wrongly
+    # pick them.
+    logits = torch.zeros(1, 4)
+    bias = torch.tensor([-0.9, -0.9, -2.0, -2.0])
+    ids, _ = route(logits, bias, n_group=2, topk_group=1, top_k=2, routed_scaling_factor=1.0)
+    assert sorted(ids[0].tolist()) == [0, 1]
+
+
+def test_experts_reference_matches_per_token_loop():
+    g = torch.Generator().manual_seed(0)
+    n, h, i, e, k = 13, 8, 6, 5, 3
+    x = torch.randn(n, h, generator=g)
+    w13 = torch.randn(e, 2 * i, h, generator=g)
+    w2 = torch.randn(e, h, i, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    w = torch.rand(n, k, generator=g)
+    out = experts_reference(x, ids, w, w13, w2)
+    expected = torch.zeros(n, h)
+    for t in range(n):
+        for j in range(k):
+            ex = ids[t, j]
+            gate, up = (w13[ex] @ x[t]).chunk(2)
+            expected[t] += w[t, j] * (w2[ex] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.float32
+
+
+def test_swiglu_gate_rows_first():
+    x = torch.tensor([[1.0, 2.0]])
+    w13 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # gate = x0, up = x1
+    w2 = torch.tensor([[1.0]])
+    torch.testing.assert_close(swiglu(x, w13, w2), torch.nn.functional.silu(torch.tensor([[1.0]])) * 2.0)

@@ -1,0 +1,336 @@
+"""Sampling: schedules, unmasking, guidance and the block loop, against mock models on CPU."""
+
+import math
+
+import pytest
+import torch
+
+from llada2uni.sampling.block import DenoiseRequest, generate
+from llada2uni.sampling.guidance import Guidance, cfg_edit, cfg_rescale, cfg_simple, combine
+from llada2uni.sampling.schedules import tokens_per_step
+from llada2uni.sampling.unmask import (
+    confidence_scores,
+    restrict_vocab,
+    sample_tokens,
+    select_transfer,
+)
+
+V = 48
+MASK = V - 1
+B = 8
+
+
+class MockModel:
+    """Deterministic stand-in for the backbone. A position's "KV" is emb[id] + pos_emb[rope position];
+    a query adds the mean of the visible keys (block-causal, pad keys hidden) to its own feature and
+    projects to V logits. Supports an exact KV cache, and records every window it is shown."""
+
+    def __init__(self, block=B, sharpness=3.0, seed=0, max_len=256, dim=16):
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.randn(V, dim, generator=g)
+        self.pos = torch.randn(max_len, dim, generator=g)
+        self.out = torch.randn(dim, V, generator=g) * sharpness
+        self.block, self.dim = block, dim
+        self.calls = []  # (start, ids)
+
+    def new_cache(self, rows, max_len):
+        return torch.zeros(rows, max_len, self.dim)
+
+    def __call__(self, ids, start, pad_lens, cache, num_logits):
+        self.calls.append((start, ids.clone()))
+        end = start + ids.shape[1]
+        phys = torch.arange(start, end)
+        pos = (phys[None] - pad_lens[:, None]).clamp(min=0)
+        h = self.emb[ids] + self.pos[pos]  # [R, W, D]
+        if cache is None:
+            assert start == 0
+            keys = h
+        else:
+            cache[:, start:end] = h
+            keys = cache[:, :end]
+        kphys = torch.arange(end)
+        visible = (kphys[None, :] // self.block) <= (phys[:, None] // self.block)  # [W, end]
+        visible = visible[None] & (kphys[None, None, :] >= pad_lens[:, None, None])  # [R, W, end]
+        vis = visible.float()
+        ctx = (vis @ keys) / vis.sum(-1, keepdim=True).clamp(min=1)
+        return (torch.tanh(h + ctx) @ self.out)[:, -num_logits:]
+
+
+class PositionModel:
+    """Peaked logits: physical position p predicts token_at(p) with probability ~1."""
+
+    def __init__(self, token_at, peak=30.0):
+        self.token_at, self.peak = token_at, peak
+        self.calls = []
+
+    def __call__(self, ids, start, pad_lens, cache, num_logits):
+        self.calls.append((start, ids.clone()))
+        end = start + ids.shape[1]
+        logits = torch.zeros(ids.shape[0], num_logits, V)
+        for j, p in enumerate(range(end - num_logits, end)):
+            logits[:, j, self.token_at(p)] = self.peak
+        return logits
+
+
+def req(prompt, gen, steps, **kw):
+    return DenoiseRequest(rows=[prompt], pad_lens=[0], gen_length=gen, steps=steps, **kw)
+
+
+# ---- schedules ----
+
+
+def test_tokens_per_step():
+    assert tokens_per_step(32, 8) == [4] * 8
+    assert tokens_per_step(32, 5) == [7, 7, 6, 6, 6]
+    for steps in (1, 3, 7, 31, 32):
+        s = tokens_per_step(32, steps)
+        assert sum(s) == 32 and len(s) == steps and min(s) >= 1
+    assert tokens_per_step(32, 100) == [1] * 32  # clamped: no zero-token steps
+    assert tokens_per_step(32, 0) == [32]
+
+
+# ---- unmask ----
+
+
+def test_restrict_vocab():
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(0))
+    out = restrict_vocab(logits, 10, 20)
+    assert torch.equal(out[:, 10:20], logits[:, 10:20])
+    assert torch.isneginf(out[:, :10]).all() and torch.isneginf(out[:, 20:]).all()
+
+
+def test_sample_tokens_greedy_and_filters():
+    # distinct values: no argmax ties
+    logits = torch.randperm(V, generator=torch.Generator().manual_seed(0)).repeat(5, 1).to(torch.bfloat16) / 8
+    pred, conf = sample_tokens(logits)
+    probs = torch.softmax(logits.float(), -1)
+    assert pred.dtype == torch.long and conf.dtype == torch.float32
+    assert torch.equal(pred, probs.argmax(-1))
+    assert torch.allclose(conf, probs.max(-1).values)
+    g = torch.Generator().manual_seed(0)
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        pred_k, conf_k = sample_tokens(logits, temperature=1.0, generator=g, **kw)
+        assert torch.equal(pred_k, pred) and torch.allclose(conf_k, torch.ones(5))
+
+
+def test_sample_tokens_temperature_seeded():
+    logits = torch.randn(64, V, generator=torch.Generator().manual_seed(0))
+    a = sample_tokens(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_tokens(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    probs = torch.softmax(logits, -1)
+    assert torch.allclose(a[1], probs.gather(-1, a[0][:, None])[:, 0])  # confidence = drawn token's prob
+    top = sample_tokens(logits, 1.0, top_k=3, generator=torch.Generator().manual_seed(3))[0]
+    assert torch.isin(top[:, None], logits.topk(3, -1).indices).any(-1).all()
+
+
+def test_confidence_scores():
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0))
+    logits[0, :5] = float("-inf")
+    pred = logits.argmax(-1)
+    p = torch.softmax(logits, -1)
+    assert torch.allclose(confidence_scores(logits, pred), p.max(-1).values)
+    top2 = p.topk(2, -1).values
+    assert torch.allclose(confidence_scores(logits, pred, "top_k_margin"), top2[:, 0] - top2[:, 1])
+    ent = confidence_scores(logits, pred, "neg_entropy")
+    assert torch.isfinite(ent).all() and (ent <= 0).all()
+    assert torch.allclose(ent[1], (p[1] * p[1].log()).sum())
+    with pytest.raises(ValueError):
+        confidence_scores(logits, pred, "bogus")
+
+
+def test_select_transfer():
+    conf = torch.tensor([0.2, 0.99, 0.5, 0.97, 0.1, 0.3])
+    active = torch.tensor([True, False, True, True, True, True])
+    # top-2 of active = {3, 2}; threshold 0.96 adds nothing new; the inactive 0.99 is never chosen
+    assert select_transfer(conf, active, 2, 0.96).tolist() == [False, False, True, True, False, False]
+    # union: top-1 = {3} plus everything active above 0.25 -> {2, 3, 5}
+    assert select_transfer(conf, active, 1, 0.25).tolist() == [False, False, True, True, False, True]
+    # k larger than the active count selects all active, nothing else
+    assert torch.equal(select_transfer(conf, active, 99, 2.0), active)
+    assert not select_transfer(conf, torch.zeros(6, dtype=torch.bool), 3, 0.0).any()
+    # k = 0: threshold alone
+    assert select_transfer(conf, active, 0, 0.9).tolist() == [False, False, False, True, False, False]
+    # ties go to the lower position, also when inactive positions share the score
+    tie = torch.full((6,), 0.5)
+    act = torch.tensor([False, True, False, True, True, True])
+    assert select_transfer(tie, act, 2, 0.9).tolist() == [False, True, False, True, False, False]
+    # active positions with -inf scores still fill k before any inactive one
+    neg = torch.tensor([float("-inf")] * 4)
+    assert select_transfer(neg, torch.tensor([False, True, False, True]), 2, 0.9).tolist() == [
+        False, True, False, True,
+    ]
+
+
+# ---- guidance ----
+
+
+def test_guidance_formulas():
+    c, u, n = torch.randn(3, 4, V, generator=torch.Generator().manual_seed(1)).unbind(0)
+    assert torch.allclose(cfg_simple(c, u, 2.5), u + 2.5 * (c - u), atol=1e-5)
+    assert torch.allclose(cfg_edit(c, u, n, 3.0, 1.5), u + 3.0 * (c - u) + 1.5 * (u - n), atol=1e-5)
+    assert torch.equal(cfg_simple(c, u, 1.0), c)
+    rows = torch.stack([c, u, n])
+    assert torch.equal(combine(Guidance(), rows[:1]), c)
+    assert torch.allclose(combine(Guidance("simple", scale=2.0), rows[:2]), u + 2 * (c - u), atol=1e-5)
+    edit3 = Guidance("edit", text_scale=4.0, image_scale=1.5)
+    assert torch.allclose(combine(edit3, rows), u + 4 * (c - u) + 1.5 * (u - n), atol=1e-5)
+    edit2 = Guidance("edit", text_scale=4.0)
+    assert torch.allclose(combine(edit2, rows[:2]), u + 4 * (c - u), atol=1e-5)
+    assert [Guidance().num_rows, Guidance("simple").num_rows, edit2.num_rows, edit3.num_rows] == [1, 2, 2, 3]
+    with pytest.raises(ValueError):
+        Guidance("weird")
+    with pytest.raises(ValueError):
+        combine(edit3, rows[:2])
+
+
+def test_cfg_rescale():
+    c, u = torch.randn(2, 4, V, generator=torch.Generator().manual_seed(2)).unbind(0)
+    g = cfg_simple(c, u, 4.0)
+    assert torch.equal(cfg_rescale(g, c, 0.0), g)
+    full = cfg_rescale(g, c, 1.0)
+    assert torch.allclose(full.std(-1), c.std(-1), rtol=1e-4)
+    assert torch.allclose(full, g * c.std(-1, keepdim=True) / g.std(-1, keepdim=True), rtol=1e-4)
+    half = combine(Guidance("simple", scale=4.0, rescale=0.5), torch.stack([c, u]))
+    assert torch.allclose(half, 0.5 * full + 0.5 * g, atol=1e-5)
+
+
+# ---- block loop ----
+
+
+def test_steps_per_block_absolute_blocks():
+    # Lp = 12 with B = 8: block 1 holds 4 masks (12..15), block 2 holds 8 (16..23).
+    prompt = list(range(1, 13))
+    for steps, expect in ((8, [4, 8]), (4, [2, 4]), (100, [4, 8])):
+        model = MockModel()
+        out = generate(model, [req(prompt, 10, steps, threshold=2.0)], mask_id=MASK, block_length=B)
+        assert out.first_block == 1 and out.steps_per_block == expect and out.forwards == sum(expect)
+        assert len(out.tokens[0]) == 10
+    # the cached window starts at 0 (prefill), then at the first non-final block
+    assert [s for s, _ in model.calls] == [0, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16]
+    assert [ids.shape[1] for _, ids in model.calls][:5] == [16, 8, 8, 8, 16]
+
+
+def test_block_length_32_default_and_steps():
+    out = generate(MockModel(block=32), [req(list(range(1, 33)), 64, 8, threshold=2.0)], mask_id=MASK)
+    assert out.steps_per_block == [8, 8] and out.forwards == 16
+
+
+def test_threshold_commits_more_than_k():
+    model = PositionModel(lambda p: 1 + p % 7)
+    out = generate(model, [req([1, 2, 3, 4, 5, 6, 7, 8], 24, 8, threshold=0.9)], mask_id=MASK, block_length=B)
+    assert out.steps_per_block == [1, 1, 1] and out.tokens[0] == [1 + p % 7 for p in range(8, 32)]
+
+
+def test_cached_equals_uncached():
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+    model = MockModel()
+    outs = [
+        generate(fn, [req(prompt, 21, 4)], mask_id=MASK, block_length=B, use_cache=uc)
+        # a callable without new_cache runs uncached even when use_cache is asked for
+        for fn, uc in ((model, True), (model, False), (lambda *a: model(*a), True))
+    ]
+    assert outs[0].tokens == outs[1].tokens == outs[2].tokens
+    assert outs[0].forwards == outs[1].forwards
+    assert MASK not in outs[0].tokens[0]
+
+
+def _mixed_requests():
+    m = MASK
+    return [
+        req([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 13, 4),
+        DenoiseRequest(  # simple CFG; the conditional row is the left-padded one
+            rows=[[m, m, 3, 4, 5], [9, 8, 7, 6, 5]], pad_lens=[2, 0], gen_length=20, steps=8,
+            guidance=Guidance("simple", scale=2.5, rescale=0.5),
+        ),
+        DenoiseRequest(  # editing CFG, image-code vocabulary, seeded temperature sampling
+            rows=[list(range(1, 31)), [m] * 4 + list(range(5, 31)), list(range(2, 32))],
+            pad_lens=[0, 4, 0], gen_length=9, steps=3,
+            guidance=Guidance("edit", text_scale=3.0, image_scale=1.5), vocab=(10, 30),
+            temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(11),
+        ),
+        req([20, 21, 22], 30, 8, stop_ids=frozenset({5, 6})),
+    ]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_equals_alone(use_cache):
+    batched = generate(MockModel(), _mixed_requests(), mask_id=MASK, block_length=B, use_cache=use_cache)
+    alone = [
+        generate(MockModel(), [r], mask_id=MASK, block_length=B, use_cache=use_cache).tokens[0]
+        for r in _mixed_requests()
+    ]
+    assert batched.tokens == alone
+    assert all(10 <= t < 30 for t in batched.tokens[2])
+    assert all(MASK not in t for t in batched.tokens)
+
+
+def test_cfg_scale_one_equals_no_cfg():
+    prompt = [4, 8, 15, 16, 23, 42, 1, 2, 3]
+    plain = generate(MockModel(), [req(prompt, 20, 4)], mask_id=MASK, block_length=B)
+    cfg1 = DenoiseRequest(
+        rows=[prompt, [9, 9, 9, 9, 9, 9, 9, 9, 9]], pad_lens=[0, 0], gen_length=20, steps=4,
+        guidance=Guidance("simple", scale=1.0),
+    )
+    assert generate(MockModel(), [cfg1], mask_id=MASK, block_length=B).tokens == plain.tokens
+    strong = DenoiseRequest(**{**cfg1.__dict__, "guidance": Guidance("simple", scale=5.0)})
+    assert generate(MockModel(), [strong], mask_id=MASK, block_length=B).tokens != plain.tokens
+
+
+@pytest.mark.parametrize("pad, lp", [(2, 5), (9, 12)])  # the pads reach into the first decoded block
+def test_left_padded_cfg_row(pad, lp):
+    m = MASK
+    model = MockModel()
+    r = DenoiseRequest(
+        rows=[[m] * pad + list(range(1, lp - pad + 1)), list(range(11, 11 + lp))],
+        pad_lens=[pad, 0], gen_length=15, steps=4, guidance=Guidance("simple", scale=3.0),
+    )
+    for use_cache in (True, False):
+        out = generate(model, [r], mask_id=MASK, block_length=B, use_cache=use_cache)
+        assert len(out.tokens[0]) == 15 and MASK not in out.tokens[0]
+    for start, ids in model.calls:
+        assert (ids[0, : max(pad - start, 0)] == m).all()  # pads are never committed
+        lo = max(lp - start, 0)
+        assert torch.equal(ids[0, lo:], ids[1, lo:])  # CFG rows share the canvas
+
+
+def test_vocab_restriction_keeps_range():
+    for temperature in (0.0, 1.5):
+        g = torch.Generator().manual_seed(0)
+        r = req([1, 2, 3], 40, 4, vocab=(5, 12), temperature=temperature, generator=g)
+        out = generate(MockModel(), [r], mask_id=MASK, block_length=B)
+        assert all(5 <= t < 12 for t in out.tokens[0])
+
+
+def test_stop_id():
+    stop = 2
+    # stop at generated index 13 (physical 21, block 2); everything else is not a stop id
+    model = PositionModel(lambda p: stop if p in (21, 30) else 10 + p % 5)
+    prompt = [1] * 8
+    full = generate(model, [req(prompt, 40, 8)], mask_id=MASK, block_length=B)
+    cut = generate(model, [req(prompt, 40, 8, stop_ids=frozenset({stop}))], mask_id=MASK, block_length=B)
+    assert len(full.tokens[0]) == 40 and not full.stopped[0]
+    assert cut.tokens[0] == full.tokens[0][:14] and cut.tokens[0][-1] == stop and cut.stopped[0]
+    assert cut.forwards < full.forwards and cut.forwards == 2
+    # a stopped request does not hold back the others
+    reqs = [req(prompt, 40, 8, stop_ids=frozenset({stop})), req(prompt, 40, 8)]
+    both = generate(model, reqs, mask_id=MASK, block_length=B)
+    assert both.tokens == [cut.tokens[0], full.tokens[0]]
+
+
+def test_temperature_reproducible():
+    def run(seed):
+        r = req([5, 6, 7], 30, 4, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+        return generate(MockModel(sharpness=0.5), [r], mask_id=MASK, block_length=B).tokens[0]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_progress_and_validation():
+    seen = []
+    progress = lambda done, total: seen.append((done, total))  # noqa: E731
+    generate(MockModel(), [req([1] * 10, 20, 4)], mask_id=MASK, block_length=B, progress=progress)
+    assert seen == [(1, math.ceil(30 / B) - 1), (2, 3), (3, 3)]
+    with pytest.raises(ValueError):
+        generate(MockModel(), [DenoiseRequest([[1], [2]], [0, 0], 4, 4)], mask_id=MASK)  # 2 rows, no CFG
