@@ -18,6 +18,7 @@ from .config import BackboneConfig
 from .models.backbone import LLaDA2MoeForLM
 from .ops.attention import block_causal_mask, rope_positions
 from .sampling.block import DenoiseRequest, generate
+from .sampling.guidance import Guidance
 from .tokens import Tokens, TokenError, align_left
 from .weights import load_backbone, resolve_checkpoint, resolve_device, resolve_dtype
 
@@ -57,6 +58,8 @@ class LLaDA2Uni:
         self.path = path
         self.logits_fn = BackboneLogits(model)
         self.use_cache = True
+        self.progress = False  # tqdm bars over blocks (the CLI turns them on)
+        self.last_stats: dict = {}
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, device: str | torch.device | None = None,
@@ -99,21 +102,56 @@ class LLaDA2Uni:
         self.tokens.image_block(tokens, h, w)  # validates range and count
         return tokens, int(h), int(w)
 
-    def _denoise_text(self, prompt: list[int], *, gen_length: int, steps: int, block_length: int,
-                      threshold: float, temperature: float, seed: int | None,
-                      stop_ids: frozenset[int]) -> list[int]:
+    def _request(self, rows: list[list[int]], *, gen_length: int, steps: int, threshold: float,
+                 guidance: Guidance = Guidance(), image: bool = False, stop_ids: frozenset[int] = frozenset(),
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> DenoiseRequest:
+        """One denoising request: CFG rows aligned by left padding with the mask id (spec 4.5)."""
         if gen_length < 1:
             raise ValueError(f"gen_length must be >= 1, got {gen_length}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        self._check_length(len(prompt), gen_length)
-        rows, pads = align_left([prompt], self.tokens.ids.mask)
-        req = DenoiseRequest(rows=rows, pad_lens=pads, gen_length=gen_length, steps=steps,
-                             threshold=threshold, stop_ids=stop_ids, temperature=temperature,
-                             generator=self._generator(seed))
-        out = generate(self.logits_fn, [req], mask_id=self.tokens.ids.mask, block_length=block_length,
-                       use_cache=self.use_cache, device=self.device)
-        return out.tokens[0]
+        if not 0.0 <= threshold:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        rows, pads = align_left(rows, self.tokens.ids.mask)
+        self._check_length(len(rows[0]), gen_length)
+        vocab = (self.tokens.ids.image_offset, self.config.vocab_size) if image else None
+        return DenoiseRequest(rows=rows, pad_lens=pads, gen_length=gen_length, steps=steps,
+                              threshold=threshold, guidance=guidance, vocab=vocab, stop_ids=stop_ids,
+                              temperature=temperature, generator=generator)
+
+    def _run(self, requests: list[DenoiseRequest], block_length: int, desc: str) -> list[list[int]]:
+        if block_length < 1:
+            raise ValueError(f"block_length must be >= 1, got {block_length}")
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(desc=desc, unit="block", leave=False)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+        out = generate(self.logits_fn, requests, mask_id=self.tokens.ids.mask, block_length=block_length,
+                       use_cache=self.use_cache, device=self.device, progress=progress if bar else None)
+        if bar is not None:
+            bar.close()
+        self.last_stats = {"forwards": out.forwards, "steps_per_block": out.steps_per_block}
+        return out.tokens
+
+    def _denoise_text(self, prompt: list[int], *, gen_length: int, steps: int, block_length: int,
+                      threshold: float, temperature: float, seed: int | None,
+                      stop_ids: frozenset[int], desc: str = "text") -> list[int]:
+        req = self._request([prompt], gen_length=gen_length, steps=steps, threshold=threshold,
+                            stop_ids=stop_ids, temperature=temperature, generator=self._generator(seed))
+        return self._run([req], block_length, desc)[0]
+
+    def _codes(self, ids: list[int]) -> list[int]:
+        """LLM image ids -> raw codes 0..K-1 (the model card's ``token_ids``: no offset)."""
+        offset = self.tokens.ids.image_offset
+        codes = [t - offset for t in ids]
+        if any(not 0 <= c < self.config.image_vocab_size for c in codes):
+            raise RuntimeError("an image canvas produced a non-image id; this is a bug")
+        return codes
 
     # ---- tasks ----
 
@@ -151,3 +189,179 @@ class LLaDA2Uni:
                                  threshold=threshold, temperature=temperature, seed=seed,
                                  stop_ids=frozenset({self.tokens.ids.eos}))
         return self.tokens.decode(ids)
+
+    # ---- text-to-image ----
+
+    def _grid(self, image_h: int, image_w: int) -> tuple[int, int]:
+        """T2I grid = image side / 32 (spec 4.2); sides must be positive multiples of 32."""
+        for name, side in (("image_h", image_h), ("image_w", image_w)):
+            if not isinstance(side, int) or side < 32 or side % 32:
+                raise ValueError(f"{name} must be a positive multiple of 32, got {side!r}")
+        return image_h // 32, image_w // 32
+
+    @staticmethod
+    def _check_prompt(prompt: str, what: str = "prompt") -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{what} must be a non-empty string")
+
+    @staticmethod
+    def _check_scale(**scales: float) -> None:
+        for name, value in scales.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+    def generate_image(self, prompt: str | list[str], image_h: int = 1024, image_w: int = 1024, *,
+                       steps: int = 8, cfg_scale: float = 2.0, block_length: int = BLOCK_LENGTH,
+                       mode: str = "normal", thinking_steps: int = 32, thinking_gen_length: int = 4096,
+                       threshold: float = 0.95, cfg_rescale: float = 0.0, temperature: float = 0.0,
+                       seed: int | None = None) -> dict | list[dict]:
+        """Text to an image-code grid: ``{"token_ids", "h", "w"}`` (+ ``"thinking"`` in thinking mode).
+
+        ``token_ids`` are raw codes (no offset), raster order, ``h * w`` of them; h, w = image side / 32.
+        Defaults follow the model card (steps 8, cfg_scale 2.0, 1024 px); the official CLI script uses
+        steps 16, cfg_scale 4.0, 512 px. Guidance runs only when cfg_scale > 1 (as SGLang-Omni does);
+        cfg_rescale is off by default (SGLang uses 0.7; the HF default is unknown). The canvas is
+        restricted to image codes (spec 5.4). A list of prompts is generated as one batch.
+        """
+        if isinstance(prompt, (list, tuple)):
+            if mode == "thinking":
+                return [self.generate_image(p, image_h, image_w, steps=steps, cfg_scale=cfg_scale,
+                                            block_length=block_length, mode=mode,
+                                            thinking_steps=thinking_steps,
+                                            thinking_gen_length=thinking_gen_length, threshold=threshold,
+                                            cfg_rescale=cfg_rescale, temperature=temperature,
+                                            seed=None if seed is None else seed + i)
+                        for i, p in enumerate(prompt)]
+            prompts = list(prompt)
+        else:
+            prompts = [prompt]
+        for p in prompts:
+            self._check_prompt(p)
+        if mode not in ("normal", "thinking"):
+            raise ValueError(f"mode must be 'normal' or 'thinking', got {mode!r}")
+        self._check_scale(cfg_scale=cfg_scale, cfg_rescale=cfg_rescale)
+        gh, gw = self._grid(image_h, image_w)
+        guidance = Guidance("simple", scale=cfg_scale, rescale=cfg_rescale) if cfg_scale > 1 else Guidance()
+        thinking = None
+        if mode == "thinking":
+            phase1 = self._denoise_text(self.tokens.thinking_prompt(prompts[0]), gen_length=thinking_gen_length,
+                                        steps=thinking_steps, block_length=block_length, threshold=threshold,
+                                        temperature=temperature, seed=seed,
+                                        stop_ids=frozenset({self.tokens.ids.boi, self.tokens.ids.eos}),
+                                        desc="thinking")
+            thinking = phase1
+            all_rows = [self.tokens.thinking_image_prompts(prompts[0], phase1, gh, gw)]
+        else:
+            all_rows = [self.tokens.t2i_prompts(p, gh, gw) for p in prompts]
+        gen = self._generator(seed)
+        requests = [self._request(rows if guidance.kind != "none" else rows[:1], gen_length=gh * gw,
+                                  steps=steps, threshold=threshold, guidance=guidance, image=True,
+                                  temperature=temperature, generator=gen)
+                    for rows in all_rows]
+        outs = self._run(requests, block_length, "image tokens")
+        results = [{"token_ids": self._codes(ids), "h": gh, "w": gw} for ids in outs]
+        if thinking is not None:
+            results[0]["thinking"] = self.tokens.thinking_text(thinking)
+        return results if isinstance(prompt, (list, tuple)) else results[0]
+
+    # ---- editing ----
+
+    def _image_list(self, image_tokens, h, w) -> list[tuple[list[int], int, int]]:
+        """One image or a list of images (tokens with offset; PIL images once the encoder is loaded)."""
+        many = isinstance(image_tokens, (list, tuple)) and image_tokens and not isinstance(image_tokens[0], int)
+        items = list(image_tokens) if many else [image_tokens]
+        hs = h if isinstance(h, (list, tuple)) else [h] * len(items)
+        ws = w if isinstance(w, (list, tuple)) else [w] * len(items)
+        if len(hs) != len(items) or len(ws) != len(items):
+            raise ValueError(f"{len(items)} images but {len(hs)} heights and {len(ws)} widths")
+        return [self._image_input(t, a, b) for t, a, b in zip(items, hs, ws)]
+
+    def _image_input(self, item, h, w) -> tuple[list[int], int, int]:
+        return self._image_item(item, h, w)
+
+    def edit_image(self, image_tokens, h: int | list[int] | None = None, w: int | list[int] | None = None,
+                   instruction: str = "", *, steps: int = 8, block_length: int = BLOCK_LENGTH,
+                   cfg_text_scale: float = 4.0, cfg_image_scale: float = 0.0, threshold: float = 0.95,
+                   cfg_rescale: float = 0.0, temperature: float = 0.0, output_h: int | None = None,
+                   output_w: int | None = None, seed: int | None = None) -> dict:
+        """Edit one image, or several references, following ``instruction``: ``{"token_ids", "h", "w"}``.
+
+        Three-way CFG ``u + t (c - u) + i (u - n)``; the no-image row runs only when
+        cfg_image_scale > 0. The output grid is the (first) source grid unless output_h/output_w
+        (grid sides in tokens) are given. Multi-reference layout: see ``Tokens.edit_prompts``.
+        """
+        self._check_prompt(instruction, "instruction")
+        self._check_scale(cfg_text_scale=cfg_text_scale, cfg_image_scale=cfg_image_scale,
+                          cfg_rescale=cfg_rescale)
+        if image_tokens is None or (isinstance(image_tokens, (list, tuple)) and not image_tokens):
+            raise ValueError("editing needs at least one source image")
+        images = self._image_list(image_tokens, h, w)
+        gh = output_h if output_h is not None else images[0][1]
+        gw = output_w if output_w is not None else images[0][2]
+        guidance = Guidance("edit", text_scale=cfg_text_scale, image_scale=cfg_image_scale, rescale=cfg_rescale)
+        rows = self.tokens.edit_prompts(images, instruction, gh, gw, image_guidance=cfg_image_scale > 0)
+        req = self._request(rows, gen_length=gh * gw, steps=steps, threshold=threshold, guidance=guidance,
+                            image=True, temperature=temperature, generator=self._generator(seed))
+        ids = self._run([req], block_length, "edit tokens")[0]
+        return {"token_ids": self._codes(ids), "h": gh, "w": gw}
+
+    # ---- interleaved ----
+
+    def interleave(self, prompt: str, *, max_frames: int = 10, steps: int = 32, image_steps: int = 32,
+                   text_gen_length: int = 1024, block_length: int = BLOCK_LENGTH, cfg_scale: float = 7.5,
+                   cfg_text_scale: float = 7.5, cfg_image_scale: float = 1.5, cfg_rescale: float = 0.7,
+                   threshold: float = 0.95, temperature: float = 0.0, seed: int | None = None) -> list[dict]:
+        """Interleaved text and images, in model order: ``[{"type": "text", "text"}, {"type": "image",
+        "token_ids", "h", "w"}, ...]`` (spec 4.4e; defaults from SGLang-Omni's interleaved pipeline).
+
+        Each text phase stops at EOS or at a model-written image header ``<|image|> r_h r_w <boi>``;
+        the image phase then fills exactly that grid with image codes. Frame 0 uses simple CFG, later
+        frames editing-style CFG against the history. A ``<boi>`` without a valid header, or a header
+        after ``max_frames`` images, ends the generation (its text is kept).
+        """
+        self._check_prompt(prompt)
+        if max_frames < 0:
+            raise ValueError(f"max_frames must be >= 0, got {max_frames}")
+        self._check_scale(cfg_scale=cfg_scale, cfg_text_scale=cfg_text_scale,
+                          cfg_image_scale=cfg_image_scale, cfg_rescale=cfg_rescale)
+        ids = self.tokens.ids
+        gen = self._generator(seed)
+        history = self.tokens.interleave_prompt(prompt)
+        segments: list[dict] = []
+        frames = 0
+        limit = self.config.max_position_embeddings
+        while True:
+            budget = min(text_gen_length, limit - len(history))
+            if budget < 1:
+                break
+            req = self._request([history], gen_length=budget, steps=steps, threshold=threshold,
+                                stop_ids=frozenset({ids.eos, ids.boi}), temperature=temperature, generator=gen)
+            out = self._run([req], block_length, "text")[0]
+            header = self.tokens.parse_image_header(out) if out and out[-1] == ids.boi else None
+            text_ids = out[:-4] if header else [t for t in out if t not in (ids.eos, ids.boi)]
+            text = self.tokens.decode(text_ids)
+            if text:
+                segments.append({"type": "text", "text": text})
+            if header is None or frames >= max_frames:
+                break
+            gh, gw = header
+            cond = history + out
+            if frames == 0:
+                rows = [cond, self.tokens.interleave_uncond_first(gh, gw)]
+                guidance = Guidance("simple", scale=cfg_scale, rescale=cfg_rescale)
+            else:
+                rows = [cond, *self.tokens.interleave_uncond_later(history, out, gh, gw)]
+                guidance = Guidance("edit", text_scale=cfg_text_scale, image_scale=cfg_image_scale,
+                                    rescale=cfg_rescale)
+                if cfg_image_scale <= 0:
+                    rows = rows[:2]
+            if len(cond) + gh * gw + 1 > limit:
+                log.warning("interleave: no room for a %dx%d image in the context; stopping", gh, gw)
+                break
+            req = self._request(rows, gen_length=gh * gw, steps=image_steps, threshold=threshold,
+                                guidance=guidance, image=True, temperature=temperature, generator=gen)
+            image_ids = self._run([req], block_length, "image tokens")[0]
+            segments.append({"type": "image", "token_ids": self._codes(image_ids), "h": gh, "w": gw})
+            history = cond + image_ids + [ids.eoi]
+            frames += 1
+        return segments
