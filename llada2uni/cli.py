@@ -1,4 +1,8 @@
-"""Command line: ``llada2uni <subcommand>``. A thin adapter over ``LLaDA2Uni``; no tensor code."""
+"""Command line: ``llada2uni <subcommand>``. A thin adapter over ``LLaDA2Uni``; no tensor code.
+
+Subcommands mirror the official scripts (``t2i_generate.py``, ``mmu_understand.py``,
+``image_edit.py``) with their option names and defaults.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +15,38 @@ from pathlib import Path
 
 def _load(args):
     from .pipeline import LLaDA2Uni
-    return LLaDA2Uni.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
+    pipe = LLaDA2Uni.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
+                                     keep_decoder=not getattr(args, "low_memory", False))
+    pipe.progress = not args.quiet
+    return pipe
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_path", required=True, help="checkpoint folder or Hugging Face repo id")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--low_memory", action="store_true", help="free the diffusion decoder after each image")
+
+
+def _add_decode_args(p: argparse.ArgumentParser, *, default_mode: str = "normal") -> None:
+    p.add_argument("--decode_mode", choices=["normal", "turbo"], default=default_mode,
+                   help="normal: decoder/ with CFG; turbo: decoder-turbo/, 8 steps")
+    p.add_argument("--decoder_steps", type=int, default=None,
+                   help="decoder steps (default: 50 normal, 8 turbo)")
+    p.add_argument("--resolution_multiplier", type=int, default=2)
+
+
+def _save(image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)  # never leave a half-written PNG under the final name
+    return path
 
 
 def _load_image_token_file(path: str):
     """An official ``--image_token`` file: a .pt dict with ``semantic_token_ids`` (codes, no offset)
-    and ``metadata.processed_size`` (pixels); grid = size // 16 (spec 7.5)."""
+    and ``metadata.processed_size`` (pixels, width x height); grid = size // 16 (spec 7.5)."""
     import torch
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -39,6 +63,16 @@ def _load_image_token_file(path: str):
     return codes, height // 16, width // 16
 
 
+def _sources(pipe, args) -> tuple[list, list, list]:
+    """--image (repeatable) or --image_token -> (items, hs, ws) for the pipeline."""
+    if args.image_token:
+        codes, h, w = _load_image_token_file(args.image_token)
+        return [[c + pipe.image_token_offset for c in codes]], [h], [w]
+    if not args.image:
+        raise SystemExit("error: pass --image PATH (repeatable) or --image_token FILE")
+    return list(args.image), [None] * len(args.image), [None] * len(args.image)
+
+
 def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
     path = make_tiny(args.dir, seed=args.seed, overwrite=args.overwrite)
@@ -46,29 +80,87 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_t2i(args) -> int:
+    prompts = [args.prompt] if args.prompt else []
+    if args.prompts_file:
+        try:
+            lines = Path(args.prompts_file).read_text().splitlines()
+        except OSError as e:
+            raise SystemExit(f"error: cannot read prompts file: {e}") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SystemExit("error: pass --prompt or --prompts_file")
+    if args.output and len(prompts) > 1:
+        raise SystemExit("error: --output names one file; use --output_dir for several prompts")
+    pipe = _load(args)
+    kw = dict(steps=args.steps, cfg_scale=args.cfg_scale, mode=args.mode, block_length=args.block_length,
+              thinking_steps=args.thinking_steps, thinking_gen_length=args.thinking_gen_length)
+    results = []
+    if args.mode == "thinking":
+        results = [pipe.generate_image(p, args.image_h, args.image_w, seed=args.seed, **kw) for p in prompts]
+    else:  # all prompts in one batch of shared forwards
+        results = pipe.generate_image(prompts, args.image_h, args.image_w, seed=args.seed, **kw)
+    out_dir = Path(args.output_dir)
+    for i, (prompt, r) in enumerate(zip(prompts, results)):
+        image = pipe.decode_tokens(r["token_ids"], r["h"], r["w"], mode=args.decode_mode,
+                                   steps=args.decoder_steps, resolution_multiplier=args.resolution_multiplier,
+                                   seed=args.seed)
+        path = _save(image, Path(args.output) if args.output else out_dir / f"{i:03d}.png")
+        print(f"{path}  ({image.width}x{image.height})  {prompt!r}")
+        if "thinking" in r:
+            print(f"thinking: {r['thinking']}")
+    return 0
+
+
 def cmd_understand(args) -> int:
     pipe = _load(args)
-    if args.image_token:
-        codes, h, w = _load_image_token_file(args.image_token)
-        tokens = [c + pipe.image_token_offset for c in codes]
-    else:
-        raise SystemExit("error: pass --image_token (pixel images arrive with the image-side components)")
-    answer = pipe.understand_image(tokens, h, w, question=args.question, steps=args.steps,
+    items, hs, ws = _sources(pipe, args)
+    answer = pipe.understand_image(items if len(items) > 1 else items[0], hs if len(items) > 1 else hs[0],
+                                   ws if len(items) > 1 else ws[0], question=args.question, steps=args.steps,
                                    gen_length=args.gen_length, block_length=args.block_length,
                                    threshold=args.threshold, seed=args.seed)
     print(answer)
     return 0
 
 
-def cmd_chat(args) -> int:
+def cmd_edit(args) -> int:
     pipe = _load(args)
-    print(pipe.chat(args.message, steps=args.steps, gen_length=args.gen_length,
-                    block_length=args.block_length, seed=args.seed))
+    items, hs, ws = _sources(pipe, args)
+    r = pipe.edit_image(items if len(items) > 1 else items[0], hs if len(items) > 1 else hs[0],
+                        ws if len(items) > 1 else ws[0], instruction=args.instruction, steps=args.steps,
+                        block_length=args.block_length, cfg_text_scale=args.cfg_text_scale,
+                        cfg_image_scale=args.cfg_image_scale, seed=args.seed)
+    image = pipe.decode_tokens(r["token_ids"], r["h"], r["w"], mode=args.decode_mode, steps=args.decoder_steps,
+                               resolution_multiplier=args.resolution_multiplier, seed=args.seed)
+    print(f"{_save(image, Path(args.output))}  ({image.width}x{image.height})")
+    return 0
+
+
+def cmd_interleave(args) -> int:
+    pipe = _load(args)
+    segments = pipe.interleave(args.prompt, max_frames=args.max_frames, steps=args.steps,
+                               image_steps=args.image_steps, text_gen_length=args.gen_length, seed=args.seed)
+    out_dir = Path(args.output_dir)
+    record, frame = [], 0
+    for seg in segments:
+        if seg["type"] == "text":
+            print(seg["text"])
+            record.append(seg)
+            continue
+        image = pipe.decode_tokens(seg["token_ids"], seg["h"], seg["w"], mode=args.decode_mode,
+                                   steps=args.decoder_steps, resolution_multiplier=args.resolution_multiplier,
+                                   seed=args.seed)
+        path = _save(image, out_dir / f"frame_{frame:02d}.png")
+        print(f"[image {path}]")
+        record.append({"type": "image", "path": path.name, "h": seg["h"], "w": seg["w"]})
+        frame += 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "segments.json").write_text(json.dumps(record, indent=2))
     return 0
 
 
 def cmd_demo(args) -> int:
-    """Every task that exists so far, offline, on a tiny checkpoint made on the spot."""
+    """Every task offline on a tiny checkpoint made on the spot; outputs written to a folder."""
     import torch
 
     from .pipeline import LLaDA2Uni
@@ -77,19 +169,41 @@ def cmd_demo(args) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "tiny-checkpoint"
-    if not (ckpt / "config.json").exists():
-        make_tiny(ckpt, seed=args.seed, overwrite=True)
+    make_tiny(ckpt, seed=args.seed, overwrite=True)
     pipe = LLaDA2Uni.from_pretrained(ckpt, device=args.device, dtype=args.dtype)
+    pipe.progress = not args.quiet
+    report: dict = {"note": "random tiny weights: texts and images are noise by design"}
+
+    t2i = pipe.generate_image("a lighthouse at dusk", 512, 512, steps=4, cfg_scale=2.0, seed=args.seed)
+    image = pipe.decode_tokens(t2i["token_ids"], t2i["h"], t2i["w"], mode="turbo", seed=args.seed)
+    _save(image, out / "t2i_turbo.png")
+    normal = pipe.decode_tokens(t2i["token_ids"], t2i["h"], t2i["w"], mode="normal", steps=6, seed=args.seed)
+    _save(normal, out / "t2i_normal.png")
+    report["t2i"] = {"grid": [t2i["h"], t2i["w"]], "files": ["t2i_turbo.png", "t2i_normal.png"],
+                     "size": list(image.size)}
+
+    think = pipe.generate_image("a cat", 64, 64, steps=4, mode="thinking", thinking_steps=8,
+                                thinking_gen_length=64, seed=args.seed)
+    _save(pipe.decode_tokens(think["token_ids"], think["h"], think["w"], seed=args.seed), out / "t2i_thinking.png")
+    report["t2i_thinking"] = {"thinking": think["thinking"], "file": "t2i_thinking.png"}
+
     g = torch.Generator().manual_seed(args.seed)
-    h, w = 4, 4
-    codes = torch.randint(0, pipe.config.image_vocab_size, (h * w,), generator=g)
-    image_tokens = (codes + pipe.image_token_offset).tolist()
-    question = "What is in this image?"
-    answer = pipe.understand_image(image_tokens, h, w, question=question, steps=8, gen_length=64)
-    result = {"task": "understand_image", "grid": [h, w], "question": question, "answer": answer,
-              "note": "random tiny weights: the answer is gibberish by design"}
-    (out / "understand.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    codes = torch.randint(0, pipe.config.image_vocab_size, (16,), generator=g)
+    tokens = (codes + pipe.image_token_offset).tolist()
+    report["understand_tokens"] = pipe.understand_image(tokens, 4, 4, question="What is in this image?",
+                                                        steps=8, gen_length=64)
+    report["understand_image"] = pipe.understand_image(image, question="Describe it.", steps=8, gen_length=64)
+
+    edited = pipe.edit_image(image, instruction="make the sky red", steps=4, seed=args.seed)
+    _save(pipe.decode_tokens(edited["token_ids"], edited["h"], edited["w"], seed=args.seed), out / "edit.png")
+    report["edit"] = {"grid": [edited["h"], edited["w"]], "file": "edit.png"}
+
+    segments = pipe.interleave("Tell a short story in pictures.", max_frames=2, steps=8, image_steps=4,
+                               text_gen_length=64, seed=args.seed)
+    report["interleave"] = [s if s["type"] == "text" else {"type": "image", "grid": [s["h"], s["w"]]}
+                            for s in segments]
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
     print(f"outputs in {out}")
     return 0
 
@@ -97,6 +211,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada2uni", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official layout")
@@ -105,8 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_make_tiny)
 
+    p = sub.add_parser("t2i", help="text to image (defaults of the official t2i_generate.py)")
+    _add_model_args(p)
+    p.add_argument("--prompt")
+    p.add_argument("--prompts_file", help="one prompt per line")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--cfg_scale", type=float, default=4.0)
+    p.add_argument("--image_h", type=int, default=512)
+    p.add_argument("--image_w", type=int, default=512)
+    p.add_argument("--block_length", type=int, default=32)
+    p.add_argument("--mode", choices=["normal", "thinking"], default="normal")
+    p.add_argument("--thinking_steps", type=int, default=32)
+    p.add_argument("--thinking_gen_length", type=int, default=4096)
+    _add_decode_args(p)
+    p.add_argument("--output_dir", default="./t2i_output")
+    p.add_argument("--output", help="single output file (one prompt)")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_t2i)
+
     p = sub.add_parser("understand", help="answer a question about an image")
     _add_model_args(p)
+    p.add_argument("--image", action="append", help="image file (repeatable for several images)")
     p.add_argument("--image_token", help=".pt file with semantic_token_ids and metadata.processed_size")
     p.add_argument("--question", default="")
     p.add_argument("--steps", type=int, default=32)
@@ -116,6 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_understand)
 
+    p = sub.add_parser("edit", help="edit an image with an instruction (defaults of image_edit.py)")
+    _add_model_args(p)
+    p.add_argument("--image", action="append", help="source image (repeat for multi-reference editing)")
+    p.add_argument("--image_token", help=".pt file with semantic_token_ids and metadata.processed_size")
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--block_length", type=int, default=32)
+    p.add_argument("--cfg_text_scale", type=float, default=4.0)
+    p.add_argument("--cfg_image_scale", type=float, default=0.0)
+    _add_decode_args(p)
+    p.add_argument("--output", default="edited.png")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("interleave", help="interleaved text and images")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max_frames", type=int, default=10)
+    p.add_argument("--steps", type=int, default=32, help="denoising steps per block, text phases")
+    p.add_argument("--image_steps", type=int, default=32, help="denoising steps per block, image phases")
+    p.add_argument("--gen_length", type=int, default=1024, help="token budget of each text phase")
+    _add_decode_args(p, default_mode="turbo")
+    p.add_argument("--output_dir", default="./interleave_output")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_interleave)
+
     p = sub.add_parser("chat", help="one text message in, one answer out")
     _add_model_args(p)
     p.add_argument("message")
@@ -123,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block_length", type=int, default=32)
     p.add_argument("--gen_length", type=int, default=2048)
     p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(func=cmd_chat)
+    p.set_defaults(func=lambda a: print(_load(a).chat(a.message, steps=a.steps, gen_length=a.gen_length,
+                                                      block_length=a.block_length, seed=a.seed)) or 0)
 
     p = sub.add_parser("demo", help="run every task offline on a tiny checkpoint it makes")
     p.add_argument("--output_dir", default="demo_output")
@@ -143,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     from .weights import CheckpointError
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, TokenError, FileExistsError, ValueError) as e:
+    except (CheckpointError, ConfigError, TokenError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

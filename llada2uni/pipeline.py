@@ -48,14 +48,27 @@ class BackboneLogits:
 ImageInput = Tensor | Sequence[int]
 
 
+def _is_picture(item) -> bool:
+    """A PIL image, an image file path or encoded bytes (as opposed to a token list / tensor)."""
+    from PIL import Image
+    return isinstance(item, (Image.Image, bytes, bytearray, str, Path))
+
+
 class LLaDA2Uni:
     """LLaDA2.0-Uni: backbone, tokenizer and (later) the image side, loaded once."""
 
-    def __init__(self, model: LLaDA2MoeForLM, tokens: Tokens, path: Path | None = None) -> None:
+    def __init__(self, model: LLaDA2MoeForLM, tokens: Tokens, path: Path | None = None, *,
+                 image_dtype: torch.dtype | None = None, keep_decoder: bool = True) -> None:
         self.model = model
         self.tokens = tokens
         self.config: BackboneConfig = model.config
         self.path = path
+        # Image-side components load on first use and stay resident (keep_decoder=False frees the
+        # DiT after each decode, for small GPUs).
+        self.image_dtype = image_dtype or model.dtype
+        self.keep_decoder = keep_decoder
+        self._image_tokenizer = None
+        self._image_decoder = None
         self.logits_fn = BackboneLogits(model)
         self.use_cache = True
         self.progress = False  # tqdm bars over blocks (the CLI turns them on)
@@ -63,14 +76,15 @@ class LLaDA2Uni:
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, revision: str | None = None) -> "LLaDA2Uni":
+                        dtype: str | torch.dtype | None = None, revision: str | None = None,
+                        keep_decoder: bool = True) -> "LLaDA2Uni":
         """Load from a local folder or a Hub repo id. ``dtype`` defaults to bfloat16 (float32 on CPU)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, default=torch.bfloat16 if dev.type == "cuda" else torch.float32)
         directory = resolve_checkpoint(path_or_repo, revision=revision)
         model = load_backbone(directory, device=dev, dtype=dt)
         tokens = Tokens.from_pretrained(directory, model.config)
-        return cls(model, tokens, directory)
+        return cls(model, tokens, directory, keep_decoder=keep_decoder)
 
     @property
     def device(self) -> torch.device:
@@ -132,7 +146,7 @@ class LLaDA2Uni:
             bar.n = done
             bar.refresh()
         out = generate(self.logits_fn, requests, mask_id=self.tokens.ids.mask, block_length=block_length,
-                       use_cache=self.use_cache, device=self.device, progress=progress if bar else None)
+                       use_cache=self.use_cache, device=self.device, progress=progress if bar is not None else None)
         if bar is not None:
             bar.close()
         self.last_stats = {"forwards": out.forwards, "steps_per_block": out.steps_per_block}
@@ -159,19 +173,13 @@ class LLaDA2Uni:
                          w: int | list[int] | None = None, question: str = "", *, steps: int = 32,
                          gen_length: int = 2048, block_length: int = BLOCK_LENGTH, threshold: float = 0.95,
                          temperature: float = 0.0, seed: int | None = None) -> str:
-        """Answer ``question`` about one or several images given as image tokens.
+        """Answer ``question`` about one or several images.
 
         ``image_tokens`` are encoder codes already offset by ``image_token_offset`` (as in the
-        model card), in raster order, ``h * w`` of them. Several images: pass lists of tokens, h, w.
+        model card), in raster order, ``h * w`` of them; or a PIL image (or path / bytes), encoded
+        with the understanding resize. Several images: pass lists (of tokens, h, w, or pictures).
         """
-        if isinstance(image_tokens, (list, tuple)) and image_tokens and not isinstance(image_tokens[0], int):
-            hs = h if isinstance(h, (list, tuple)) else [h] * len(image_tokens)
-            ws = w if isinstance(w, (list, tuple)) else [w] * len(image_tokens)
-            if len(hs) != len(image_tokens) or len(ws) != len(image_tokens):
-                raise ValueError("pass one h and one w per image")
-            images = [self._image_item(t, a, b) for t, a, b in zip(image_tokens, hs, ws)]
-        else:
-            images = [self._image_item(image_tokens, h, w)]
+        images = self._image_list(image_tokens, h, w, mode="understand")
         prompt = self.tokens.understand_prompt(images, question)
         ids = self._denoise_text(prompt, gen_length=gen_length, steps=steps, block_length=block_length,
                                  threshold=threshold, temperature=temperature, seed=seed,
@@ -266,7 +274,7 @@ class LLaDA2Uni:
 
     # ---- editing ----
 
-    def _image_list(self, image_tokens, h, w) -> list[tuple[list[int], int, int]]:
+    def _image_list(self, image_tokens, h, w, mode: str = "understand") -> list[tuple[list[int], int, int]]:
         """One image or a list of images (tokens with offset; PIL images once the encoder is loaded)."""
         many = isinstance(image_tokens, (list, tuple)) and image_tokens and not isinstance(image_tokens[0], int)
         items = list(image_tokens) if many else [image_tokens]
@@ -274,9 +282,13 @@ class LLaDA2Uni:
         ws = w if isinstance(w, (list, tuple)) else [w] * len(items)
         if len(hs) != len(items) or len(ws) != len(items):
             raise ValueError(f"{len(items)} images but {len(hs)} heights and {len(ws)} widths")
-        return [self._image_input(t, a, b) for t, a, b in zip(items, hs, ws)]
+        return [self._image_input(t, a, b, mode, len(items)) for t, a, b in zip(items, hs, ws)]
 
-    def _image_input(self, item, h, w) -> tuple[list[int], int, int]:
+    def _image_input(self, item, h, w, mode: str = "understand", count: int = 1) -> tuple[list[int], int, int]:
+        """Tokens (with offset) as given, or a PIL image / path / bytes encoded by the SigLIP-VQ tokenizer."""
+        if _is_picture(item):
+            tokens, gh, gw = self.encode_image(item, mode=mode, num_images=count)
+            return tokens, gh, gw
         return self._image_item(item, h, w)
 
     def edit_image(self, image_tokens, h: int | list[int] | None = None, w: int | list[int] | None = None,
@@ -295,7 +307,7 @@ class LLaDA2Uni:
                           cfg_rescale=cfg_rescale)
         if image_tokens is None or (isinstance(image_tokens, (list, tuple)) and not image_tokens):
             raise ValueError("editing needs at least one source image")
-        images = self._image_list(image_tokens, h, w)
+        images = self._image_list(image_tokens, h, w, mode="edit")
         gh = output_h if output_h is not None else images[0][1]
         gw = output_w if output_w is not None else images[0][2]
         guidance = Guidance("edit", text_scale=cfg_text_scale, image_scale=cfg_image_scale, rescale=cfg_rescale)
@@ -365,3 +377,80 @@ class LLaDA2Uni:
             history = cond + image_ids + [ids.eoi]
             frames += 1
         return segments
+
+    # ---- image side: pixels <-> codes ----
+
+    def _image_root(self) -> Path:
+        if self.path is None:
+            raise RuntimeError("this pipeline was built without a checkpoint folder: no image components")
+        return self.path
+
+    @property
+    def image_tokenizer(self):
+        """The SigLIP-VQ encoder from ``image_tokenizer/``, loaded on first use and kept."""
+        if self._image_tokenizer is None:
+            from .models.image_tokenizer import ImageTokenizer
+            self._image_tokenizer = ImageTokenizer.from_pretrained(
+                self._image_root() / "image_tokenizer", device=self.device, dtype=self.image_dtype)
+        return self._image_tokenizer
+
+    @property
+    def image_decoder(self):
+        """SigVQ + Z-Image DiT (normal and/or turbo) + VAE, loaded on first use and kept."""
+        if self._image_decoder is None:
+            from .models.decoder import ImageDecoder
+            self._image_decoder = ImageDecoder.from_pretrained(
+                self._image_root(), device=self.device, dtype=self.image_dtype,
+                keep_resident=self.keep_decoder)
+        return self._image_decoder
+
+    def encode_image(self, image, *, mode: str = "understand", num_images: int = 1) -> tuple[list[int], int, int]:
+        """A picture (PIL image, path or bytes) -> (image tokens WITH the LLM offset, h, w).
+
+        mode "understand": smart resize within the pixel budget (one image: up to 800x800;
+        several: 448x448); "edit": the reference's centre crop to a ~512x512-area candidate size.
+        """
+        from .preprocess import load_image
+        picture = load_image(image)
+        codes, grids = self.image_tokenizer.encode([picture], mode=mode, num_images=num_images)
+        h, w = grids[0]
+        return (codes[0] + self.tokens.ids.image_offset).tolist(), h, w
+
+    def decode_tokens(self, token_ids, h: int, w: int, mode: str = "turbo", steps: int | None = None,
+                      resolution_multiplier: int = 2, seed: int | None = None):
+        """Raw codes (no offset, raster order) of an h x w grid -> PIL image of
+        (w * 16 * rm) x (h * 16 * rm) pixels. mode "turbo" (8 steps, decoder-turbo/) or "normal"
+        (50-point grid = 49 Euler steps with CFG, decoder/)."""
+        if isinstance(token_ids, Tensor):
+            token_ids = token_ids.flatten().tolist()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(desc=f"decoder ({mode})", unit="step", leave=False)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+        try:
+            return self.image_decoder.decode(list(token_ids), h, w, mode=mode, steps=steps,
+                                             resolution_multiplier=resolution_multiplier, seed=seed,
+                                             progress=progress if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def text_to_image(self, prompt: str, image_h: int = 1024, image_w: int = 1024, *,
+                      decode_mode: str = "turbo", decoder_steps: int | None = None,
+                      resolution_multiplier: int = 2, seed: int | None = None, **kwargs):
+        """Prompt -> PIL image in one call (tokens with ``generate_image``, then ``decode_tokens``)."""
+        result = self.generate_image(prompt, image_h, image_w, seed=seed, **kwargs)
+        return self.decode_tokens(result["token_ids"], result["h"], result["w"], mode=decode_mode,
+                                  steps=decoder_steps, resolution_multiplier=resolution_multiplier, seed=seed)
+
+    def edit(self, image, instruction: str, *, decode_mode: str = "turbo", decoder_steps: int | None = None,
+             resolution_multiplier: int = 2, seed: int | None = None, **kwargs):
+        """Picture(s) + instruction -> edited PIL image in one call."""
+        result = self.edit_image(image, instruction=instruction, seed=seed, **kwargs)
+        return self.decode_tokens(result["token_ids"], result["h"], result["w"], mode=decode_mode,
+                                  steps=decoder_steps, resolution_multiplier=resolution_multiplier, seed=seed)

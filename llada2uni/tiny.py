@@ -145,6 +145,9 @@ def make_tiny(directory: str | Path, seed: int = 0, *, overwrite: bool = False) 
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         write_backbone_shards(tmp, config, seed)
         write_tiny_tokenizer(tmp)
+        (tmp / "image_tokenizer").mkdir()
+        write_tiny_image_tokenizer(tmp / "image_tokenizer", seed, TINY_IMAGE_CODES)
+        write_tiny_decoder_side(tmp, seed, TINY_IMAGE_CODES)
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)
@@ -152,3 +155,129 @@ def make_tiny(directory: str | Path, seed: int = 0, *, overwrite: bool = False) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def write_tiny_image_tokenizer(folder: Path, seed: int, num_codes: int) -> None:
+    """A tiny SigLIP-VQ image tokenizer in the official ``image_tokenizer/`` layout.
+
+    ``config.json`` (vision_config + vq_config), ``preprocessor_config.json`` (the published values,
+    patch 16) and ``model.safetensors`` in bf16 with the official tensor names (spec image.md 2.1),
+    written out here from the spec rather than taken from a module, so that the loader's strict
+    name check is a real test. Position table 16x16; ``post_quant_conv`` is written though unused.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hidden, depth, inter, patch, side, embed = 32, 2, 64, 16, 16, 16
+    vision = {"hidden_size": hidden, "intermediate_size": inter, "num_heads": 2, "depth": depth,
+              "patch_size": patch, "image_size": patch * side, "in_channels": 3,
+              "hidden_act": "gelu", "attention_bias": True, "attention_dropout": 0.0,
+              "layer_norm_eps": 1e-6, "spatial_merge_size": 1}
+    vq = {"num_embeddings": num_codes, "embed_dim": embed, "latent_channels": hidden, "beta": 0.25}
+    (folder / "config.json").write_text(json.dumps({"vision_config": vision, "vq_config": vq}, indent=2))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "patch_size": patch, "temporal_patch_size": 1, "merge_size": 1,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "rescale_factor": 1 / 255, "do_rescale": True, "do_normalize": True,
+        "image_processor_type": "Qwen2VLImageProcessor"}, indent=2))
+
+    shapes = {"model.visual.patch_embed.proj.weight": (hidden, 3, patch, patch),
+              "model.visual.patch_embed.proj.bias": (hidden,),
+              "model.visual.embeddings.position_embedding.weight": (side * side, hidden)}
+    for i in range(depth):
+        p = f"model.visual.blocks.{i}."
+        shapes.update({p + "norm1.weight": (hidden,), p + "norm1.bias": (hidden,),
+                       p + "norm2.weight": (hidden,), p + "norm2.bias": (hidden,),
+                       p + "attn.qkv.weight": (3 * hidden, hidden), p + "attn.qkv.bias": (3 * hidden,),
+                       p + "attn.proj.weight": (hidden, hidden), p + "attn.proj.bias": (hidden,),
+                       p + "mlp.fc1.weight": (inter, hidden), p + "mlp.fc1.bias": (inter,),
+                       p + "mlp.fc2.weight": (hidden, inter), p + "mlp.fc2.bias": (hidden,)})
+    shapes.update({"model.vqmodel.quantize.embedding.weight": (num_codes, embed),
+                   "model.vqmodel.quant_conv.weight": (embed, hidden, 1, 1),
+                   "model.vqmodel.quant_conv.bias": (embed,),
+                   "model.vqmodel.post_quant_conv.weight": (hidden, embed, 1, 1),
+                   "model.vqmodel.post_quant_conv.bias": (hidden,)})
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        noise = torch.randn(shape, generator=gen)
+        if ".norm" in name and name.endswith(".weight"):
+            value = 1.0 + 0.1 * noise  # not all ones: a skipped or misplaced norm shows
+        elif name.endswith(".bias"):
+            value = 0.1 * noise
+        elif "position_embedding" in name or "quantize.embedding" in name:
+            value = noise  # strong positions, so a wrong position order changes the codes
+        else:
+            value = noise / (noise[0].numel() ** 0.5)  # fan-in scaling keeps activations O(1)
+        tensors[name] = value.to(torch.bfloat16).contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_tiny_decoder_side(root: Path, seed: int, num_codes: int, *, sigvq_dim: int = 32) -> None:
+    """The decoder side in the official layout, tiny and seeded (image spec 2.1-2.3).
+
+    ``image_tokenizer/sigvq_embedding.pt`` (a torch.save state dict, vocab ``num_codes``), ``decoder/``
+    and ``decoder-turbo/`` (Z-Image DiT config + bf16 weights with the official ``semantic_embedder.*``
+    names; decoder/ as model.safetensors, decoder-turbo/ as decoder_model.safetensors, so both names
+    the sources give are exercised) and ``vae/`` (a FLUX-geometry AutoencoderKL: 16 latent channels,
+    4 blocks = x8, tiny widths). The DiT configs keep Z-Image's stale cap_feat_dim 2560 and axes_lens,
+    which the loader must override (with the SigVQ width and [32768, 1024, 1024]).
+    """
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    gen = torch.Generator().manual_seed(seed)
+
+    def fill(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, shape in shapes.items():
+            noise = torch.randn(shape, generator=gen)
+            if "norm" in name and name.endswith(".weight") and len(shape) == 1:
+                value = 1.0 + 0.1 * noise  # not all ones: a skipped or misplaced norm shows
+            elif name.endswith(".bias") or "pad_token" in name:
+                value = 0.1 * noise
+            elif "token_embedding" in name:
+                value = noise
+            else:
+                value = noise / (noise[0].numel() ** 0.5)  # fan-in scaling keeps activations O(1)
+            out[name] = value.to(torch.bfloat16).contiguous()
+        return out
+
+    (root / "image_tokenizer").mkdir(parents=True, exist_ok=True)
+    sigvq = fill({"prior_token_embedding.weight": (num_codes, sigvq_dim),
+                  "prior_projector.net.0.proj.weight": (sigvq_dim, sigvq_dim),
+                  "prior_projector.net.0.proj.bias": (sigvq_dim,),
+                  "prior_projector.net.2.weight": (sigvq_dim, sigvq_dim),
+                  "prior_projector.net.2.bias": (sigvq_dim,)})
+    torch.save(sigvq, root / "image_tokenizer" / "sigvq_embedding.pt")
+
+    dit_config = {"_class_name": "ZImageTransformer2DModel", "_diffusers_version": "0.36.0",
+                  "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 64,
+                  "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "norm_eps": 1e-5,
+                  "qk_norm": True, "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0,
+                  "axes_dims": [8, 12, 12], "axes_lens": [1536, 512, 512]}
+    kwargs = {k: v for k, v in dit_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        dit = ZImageTransformer2DModel(**{**kwargs, "cap_feat_dim": sigvq_dim})
+    shapes = {name.replace("cap_embedder.", "semantic_embedder.", 1): tuple(t.shape)
+              for name, t in dit.state_dict().items()}
+    for folder, file in (("decoder", "model.safetensors"), ("decoder-turbo", "decoder_model.safetensors")):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "config.json").write_text(json.dumps(dit_config, indent=2))
+        save_file(fill(shapes), str(root / folder / file), metadata={"format": "pt"})
+
+    vae_config = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.36.0", "in_channels": 3,
+                  "out_channels": 3, "latent_channels": 16, "block_out_channels": [8, 16, 16, 16],
+                  "layers_per_block": 1, "down_block_types": ["DownEncoderBlock2D"] * 4,
+                  "up_block_types": ["UpDecoderBlock2D"] * 4, "act_fn": "silu", "norm_num_groups": 4,
+                  "mid_block_add_attention": True, "use_quant_conv": False, "use_post_quant_conv": False,
+                  "scaling_factor": 0.3611, "shift_factor": 0.1159, "force_upcast": True, "sample_size": 128}
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(vae_config)
+    (root / "vae").mkdir(parents=True, exist_ok=True)
+    (root / "vae" / "config.json").write_text(json.dumps(vae_config, indent=2))
+    save_file(fill({n: tuple(t.shape) for n, t in vae.state_dict().items()}),
+              str(root / "vae" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})

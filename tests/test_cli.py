@@ -18,11 +18,64 @@ def test_make_tiny_and_understand(tmp_path, capsys):
 
 
 def test_demo_writes_outputs(tmp_path, capsys):
-    assert main(["demo", "--output_dir", str(tmp_path / "out")]) == 0
-    result = json.loads((tmp_path / "out" / "understand.json").read_text())
-    assert result["task"] == "understand_image" and isinstance(result["answer"], str)
+    from PIL import Image
+    out = tmp_path / "out"
+    assert main(["--quiet", "demo", "--output_dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for name in ("t2i_turbo.png", "t2i_normal.png", "t2i_thinking.png", "edit.png"):
+        with Image.open(out / name) as im:
+            im.load()
+            assert im.mode == "RGB"
+    with Image.open(out / "t2i_turbo.png") as im:
+        assert im.size == (512, 512)
+    assert isinstance(report["understand_tokens"], str) and isinstance(report["understand_image"], str)
+    assert report["edit"]["grid"] == [32, 32]
+    assert report["interleave"] and report["interleave"][0]["type"] in ("text", "image")
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["chat", "--model_path", str(tmp_path / "nope"), "hello"]) == 2
     assert "no checkpoint folder" in capsys.readouterr().err
+
+
+def _png(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()
+        return im.size
+
+
+def test_t2i_edit_understand_interleave_write_pngs(tiny_dir, tmp_path, capsys):
+    from PIL import Image
+    common = ["--model_path", str(tiny_dir), "--device", "cpu"]
+    out = tmp_path / "t2i"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    assert main(["--quiet", "t2i", *common, "--prompts_file", str(prompts), "--image_h", "64",
+                 "--image_w", "96", "--steps", "2", "--decoder_steps", "3", "--output_dir", str(out)]) == 0
+    assert _png(out / "000.png") == (96, 64) and _png(out / "001.png") == (96, 64)
+    assert main(["--quiet", "t2i", *common, "--prompt", "x", "--image_h", "64", "--image_w", "64",
+                 "--steps", "2", "--decode_mode", "turbo", "--resolution_multiplier", "1",
+                 "--output", str(tmp_path / "one.png")]) == 0
+    assert _png(tmp_path / "one.png") == (32, 32)
+    src = tmp_path / "src.png"
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(src)
+    assert main(["--quiet", "understand", *common, "--image", str(src), "--question", "what?", "--steps", "4",
+                 "--gen_length", "8"]) == 0
+    assert main(["--quiet", "edit", *common, "--image", str(src), "--image", str(src), "--instruction", "red",
+                 "--steps", "2", "--decode_mode", "turbo", "--output", str(tmp_path / "edited.png")]) == 0
+    assert _png(tmp_path / "edited.png")[0] > 0
+    assert main(["--quiet", "interleave", *common, "--prompt", "story", "--max_frames", "1", "--steps", "4",
+                 "--image_steps", "2", "--gen_length", "32", "--output_dir", str(tmp_path / "il")]) == 0
+    assert (tmp_path / "il" / "segments.json").exists()
+
+
+def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
+    common = ["--model_path", str(tiny_dir), "--device", "cpu"]
+    assert main(["t2i", *common, "--prompt", "x", "--image_h", "100"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    assert main(["understand", *common, "--image", str(bad)]) == 2
+    assert "image" in capsys.readouterr().err.lower()
+    assert main(["understand", *common, "--image", str(tmp_path / "missing.png")]) == 2

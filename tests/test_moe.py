@@ -62,3 +62,29 @@ def test_swiglu_gate_rows_first():
     w13 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # gate = x0, up = x1
     w2 = torch.tensor([[1.0]])
     torch.testing.assert_close(swiglu(x, w13, w2), torch.nn.functional.silu(torch.tensor([[1.0]])) * 2.0)
+
+
+import pytest
+
+from llada2uni.ops.moe import experts_grouped, grouped_supported
+
+
+@pytest.mark.parametrize("n, h, i, e, k, dtype", [
+    (1, 64, 32, 8, 2, torch.float32),
+    (37, 64, 32, 16, 4, torch.float32),
+    (64, 128, 64, 32, 8, torch.bfloat16),
+    (5, 64, 32, 64, 8, torch.bfloat16),  # most experts get no token
+])
+def test_grouped_equals_reference(n, h, i, e, k, dtype):
+    g = torch.Generator().manual_seed(n + e)
+    x = torch.randn(n, h, generator=g).to(dtype)
+    w13 = (torch.randn(e, 2 * i, h, generator=g) / h ** 0.5).to(dtype)
+    w2 = (torch.randn(e, h, i, generator=g) / i ** 0.5).to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    w = torch.rand(n, k, generator=g)
+    assert grouped_supported(x, w13)
+    ref = experts_reference(x, ids, w, w13, w2)
+    out = experts_grouped(x, ids, w, w13, w2)
+    assert out.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)

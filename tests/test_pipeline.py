@@ -101,3 +101,28 @@ def test_bad_device_and_dtype(tiny_dir):
         LLaDA2Uni.from_pretrained(tiny_dir, device="tpu9")
     with pytest.raises(ValueError, match="unknown dtype"):
         LLaDA2Uni.from_pretrained(tiny_dir, device="cpu", dtype="int3")
+
+
+def test_round_trip_image_codes_image(pipe):
+    from PIL import Image
+    picture = Image.new("RGB", (256, 192), (200, 30, 30))
+    tokens, h, w = pipe.encode_image(picture)
+    assert (h, w) == (192 // 16, 256 // 16) and len(tokens) == h * w
+    assert all(pipe.tokens.ids.is_image(t) for t in tokens)
+    codes = [t - pipe.image_token_offset for t in tokens]
+    image = pipe.decode_tokens(codes, h, w, mode="turbo", seed=0)
+    assert image.size == (w * 16 * 2, h * 16 * 2) and image.mode == "RGB"
+    again = pipe.decode_tokens(codes, h, w, mode="turbo", seed=0)
+    assert image.tobytes() == again.tobytes()
+    small = pipe.decode_tokens(codes, h, w, mode="normal", steps=3, resolution_multiplier=1, seed=0)
+    assert small.size == (w * 16, h * 16)
+
+
+def test_understand_and_edit_accept_pictures(pipe):
+    from PIL import Image
+    picture = Image.new("RGBA", (128, 96), (10, 200, 30, 128))
+    assert isinstance(pipe.understand_image(picture, question="What?", steps=4, gen_length=8), str)
+    r = pipe.edit_image(picture, instruction="make it red", steps=4)
+    # the output grid equals the source grid (edit crop of the source)
+    src, h, w = pipe.encode_image(picture, mode="edit")
+    assert (r["h"], r["w"]) == (h, w) and len(r["token_ids"]) == h * w

@@ -73,3 +73,22 @@ def combine(guidance: Guidance, rows: Tensor) -> Tensor:
     if guidance.rescale > 0:
         g = cfg_rescale(g, c, guidance.rescale)
     return g
+
+
+def cfg_velocity(p: Tensor, n: Tensor, scale: float = 1.0, renorm: bool = True) -> Tensor:
+    """CFG on decoder velocities (image spec 8.2): pred = p + scale (p - n), fp32.
+
+    Note the convention: scale 0 is no guidance here (the reference's cfg_scale; its default 1.0
+    gives 2p - n), unlike the logits' u + s (c - u). With renorm, a sample whose guided norm exceeds
+    ||p|| is scaled back to ||p||; norms are per sample over all non-batch dims (p, n: [B, ...]).
+    """
+    p, n = p.float(), n.float()
+    pred = p + scale * (p - n)
+    if not renorm:
+        return pred
+    dims = tuple(range(1, p.ndim))
+    p_norm = torch.linalg.vector_norm(p, dim=dims, keepdim=True)
+    pred_norm = torch.linalg.vector_norm(pred, dim=dims, keepdim=True)
+    # pred_norm > p_norm >= 0 wherever the factor is used, so the clamp only keeps the other lanes finite.
+    factor = torch.where(pred_norm > p_norm, p_norm / pred_norm.clamp_min(torch.finfo(pred.dtype).tiny), 1.0)
+    return pred * factor
