@@ -2,6 +2,7 @@
 
 from .pipeline import LLaDA2Uni
 from .tiny import make_tiny
+from .weights import make_random
 
-__all__ = ["LLaDA2Uni", "make_tiny"]
+__all__ = ["LLaDA2Uni", "make_tiny", "make_random"]
 __version__ = "0.1.0"

@@ -192,3 +192,33 @@ def load_backbone(directory: Path, *, device: torch.device, dtype: torch.dtype):
     load_checkpoint(model, directory, remap(config), device=device,
                     dtype_of=lambda name: param_dtype(name, dtype), optional=OPTIONAL_SUFFIXES)
     return model.eval()
+
+
+def random_backbone(config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                    seed: int = 0):
+    """A full-structure backbone with random weights built directly on ``device`` (no disk round trip).
+
+    For benchmarks: ``random_backbone(BackboneConfig(), device="cuda")`` is the 16B model in ~32 GB.
+    Weights are N(0, 1/fan_in), norms 1, small expert biases, so activations stay O(1) in bf16.
+    """
+    from .models.backbone import LLaDA2MoeForLM, param_dtype
+
+    device = resolve_device(device)
+    with torch.device("meta"):
+        model = LLaDA2MoeForLM(config)
+    materialize(model, device, lambda name: param_dtype(name, dtype))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("expert_bias"):
+                p.normal_(0.0, 0.01, generator=gen)
+            elif "word_embeddings" in name:
+                p.normal_(0.0, 1.0, generator=gen)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+    return model.eval()
+
+
+make_random = random_backbone
