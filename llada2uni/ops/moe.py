@@ -80,7 +80,10 @@ def experts_grouped(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tensor,
     n, k = expert_ids.shape
     flat = expert_ids.reshape(-1)
     order = flat.argsort(stable=True)
-    offsets = torch.bincount(flat, minlength=w13.shape[0]).cumsum(0).to(torch.int32)
+    # End offset of each expert's slice. searchsorted, not bincount: bincount sizes its output on
+    # the host (a sync), which CUDA graph capture forbids.
+    experts = torch.arange(w13.shape[0], device=flat.device, dtype=flat.dtype)
+    offsets = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)
     xs = x[order // k]  # [N*k, H], grouped by expert
     gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
     ys = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)  # [N*k, H]

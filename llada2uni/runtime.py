@@ -1,0 +1,143 @@
+"""The fast path, applied from outside the model: grouped-GEMM MoE, static-shape cached steps, CUDA graphs.
+
+``FastBackboneLogits`` is a drop-in ``logits_fn`` for the block sampler. Each cached denoising step
+writes the window's K/V into the cache at its physical positions (``index_copy_`` on a device index,
+so no Python int reaches the kernels) and attends over the whole preallocated cache with a mask that
+hides everything past the window. Shapes then depend only on (rows, window length), so one CUDA graph
+per shape replays every step of a generation; the first step of a block (finished block + new block,
+64 tokens) and the steady steps (32 tokens) are two graphs. Prefill windows longer than that run
+eagerly. ``eager=True`` turns graphs off; the clear ``BackboneLogits`` remains the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .models.backbone import LLaDA2MoeForLM, MoE, apply_partial_rope, rope_cos_sin
+from .models.cache import KVCache
+from .ops.attention import attend, block_causal_mask, rope_positions
+from .ops.moe import experts_grouped, experts_reference, grouped_supported
+
+
+def use_grouped_moe(model: LLaDA2MoeForLM) -> bool:
+    """Switch every MoE layer to the grouped-GEMM dispatch when the dtype/shape allow it."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moes:
+        return False
+    probe = torch.empty(1, model.config.hidden_size, dtype=model.dtype, device=model.device)
+    ok = grouped_supported(probe, moes[0].experts.w13)
+    for m in moes:
+        m.dispatch = experts_grouped if ok else experts_reference
+    return ok
+
+
+def static_step(model: LLaDA2MoeForLM, ids: Tensor, positions: Tensor, write_index: Tensor, mask: Tensor,
+                cache: KVCache, num_logits: int) -> Tensor:
+    """One cached forward with static shapes: the same maths as ``model.forward`` with a cache.
+
+    ids/positions [R, T]; write_index [T] physical positions of the window; mask [R, 1, T, S_max]
+    over the whole cache. Returns fp32 logits [R, num_logits, V].
+    """
+    cfg = model.config
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    r, t = ids.shape
+    h = model.model.word_embeddings(ids)
+    cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, h.dtype)
+    scale = 1.0 / math.sqrt(d)
+    for i, layer in enumerate(model.model.layers):
+        att = layer.attention
+        x = layer.input_layernorm(h)
+        q, k, v = att.query_key_value(x).view(r, t, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=2)
+        if cfg.use_qk_norm:
+            q, k = att.query_layernorm(q), att.key_layernorm(k)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        cache.k[i].index_copy_(2, write_index, k)
+        cache.v[i].index_copy_(2, write_index, v)
+        out = attend(q, cache.k[i], cache.v[i], mask, scale)
+        h = h + att.dense(out.transpose(1, 2).reshape(r, t, hq * d))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    h = model.model.norm(h[:, -num_logits:])
+    return F.linear(h, model.lm_head.weight).float()
+
+
+class FastBackboneLogits:
+    """The backbone as the sampler's ``logits_fn``, fast path. Same contract as ``BackboneLogits``."""
+
+    GRAPH_WINDOWS = (32, 64)
+
+    def __init__(self, model: LLaDA2MoeForLM, block_length: int = 32, *, eager: bool = False) -> None:
+        self.model = model
+        self.block_length = block_length
+        self.grouped = use_grouped_moe(model)
+        # Graphs need the host-sync-free grouped MoE and a CUDA device.
+        self.graphs = (not eager) and self.grouped and model.device.type == "cuda"
+        self._graphs: dict = {}
+
+    def new_cache(self, rows: int, max_len: int) -> KVCache:
+        return self.model.new_cache(rows, max_len)
+
+    def _inputs(self, ids: Tensor, start: int, pad_lens: Tensor, cache: KVCache):
+        end = start + ids.shape[1]
+        positions = rope_positions(start, end, pad_lens)
+        mask = block_causal_mask(start, end, pad_lens, self.block_length)  # [R, 1, T, end]
+        full = torch.zeros(*mask.shape[:-1], cache.max_len, dtype=torch.bool, device=mask.device)
+        full[..., :end] = mask
+        write_index = torch.arange(start, end, device=ids.device)
+        return positions, write_index, full
+
+    @torch.inference_mode()
+    def __call__(self, ids: Tensor, start: int, pad_lens: Tensor, cache, num_logits: int) -> Tensor:
+        if cache is None:  # uncached windows: the clear path
+            end = start + ids.shape[1]
+            return self.model(ids, rope_positions(start, end, pad_lens),
+                              block_causal_mask(start, end, pad_lens, self.block_length),
+                              num_logits=num_logits)
+        positions, write_index, mask = self._inputs(ids, start, pad_lens, cache)
+        key = (ids.shape[0], ids.shape[1], num_logits, id(cache))
+        if not self.graphs or ids.shape[1] not in self.GRAPH_WINDOWS:
+            return static_step(self.model, ids, positions, write_index, mask, cache, num_logits)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(key, ids, positions, write_index, mask, cache, num_logits)
+        static = graph["inputs"]
+        for name, value in (("ids", ids), ("positions", positions), ("write_index", write_index),
+                            ("mask", mask)):
+            static[name].copy_(value)
+        graph["graph"].replay()
+        return graph["out"].clone()
+
+    def _capture(self, key, ids, positions, write_index, mask, cache, num_logits) -> dict:
+        # A graph is tied to one cache object (its buffers are baked in); a new generation's cache
+        # gets new graphs, and old ones are dropped so their memory pool is released.
+        self._graphs = {k: v for k, v in self._graphs.items() if k[3] == key[3]}
+        inputs = {"ids": ids.clone(), "positions": positions.clone(), "write_index": write_index.clone(),
+                  "mask": mask.clone()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: allocator and library handles, outside the graph
+                static_step(self.model, inputs["ids"], inputs["positions"], inputs["write_index"],
+                            inputs["mask"], cache, num_logits)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = static_step(self.model, inputs["ids"], inputs["positions"], inputs["write_index"],
+                              inputs["mask"], cache, num_logits)
+        entry = {"graph": graph, "inputs": inputs, "out": out}
+        self._graphs[key] = entry
+        return entry
+
+
+def accelerate(pipe, *, eager: bool = False) -> bool:
+    """Give a pipeline the fast backbone path (grouped MoE; CUDA graphs unless ``eager``).
+
+    Returns whether the grouped MoE is in use. ``pipe.logits_fn`` can be set back to a
+    ``BackboneLogits`` to return to the clear path.
+    """
+    pipe.logits_fn = FastBackboneLogits(pipe.model, eager=eager)
+    return pipe.logits_fn.grouped
