@@ -133,11 +133,20 @@ class FastBackboneLogits:
         return entry
 
 
-def accelerate(pipe, *, eager: bool = False) -> bool:
-    """Give a pipeline the fast backbone path (grouped MoE; CUDA graphs unless ``eager``).
+def accelerate(pipe, *, eager: bool = False, compile_decoder: bool | None = None) -> bool:
+    """Give a pipeline the fast path: grouped MoE, CUDA graphs unless ``eager``, and (on CUDA, unless
+    ``compile_decoder=False``) regional torch.compile of the DiT blocks.
 
     Returns whether the grouped MoE is in use. ``pipe.logits_fn`` can be set back to a
     ``BackboneLogits`` to return to the clear path.
     """
     pipe.logits_fn = FastBackboneLogits(pipe.model, eager=eager)
+    if compile_decoder is None:
+        compile_decoder = (not eager) and pipe.image_device.type == "cuda"
+    pipe.compile_decoder = compile_decoder
+    if pipe._image_decoder is not None:
+        pipe._image_decoder.compile_dit = compile_decoder
+        for dit in pipe._image_decoder._dits.values():
+            if compile_decoder:
+                dit.compile_repeated_blocks(fullgraph=True)
     return pipe.logits_fn.grouped

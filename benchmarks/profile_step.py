@@ -1,0 +1,49 @@
+"""Where a cached backbone step spends its time: torch.profiler over CUDA-graph-free steps.
+
+    python benchmarks/profile_step.py [--rows 2 --prefix 1088]
+
+Prints the top CUDA kernels by total time (grouped by name) for one eager cached step with the
+grouped MoE, so the RESULTS file can say where the time goes relative to the memory floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from llada2uni.config import BackboneConfig
+from llada2uni.runtime import FastBackboneLogits
+from llada2uni.weights import make_random
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=2)
+    ap.add_argument("--prefix", type=int, default=1088)
+    args = ap.parse_args()
+    cfg = BackboneConfig()
+    model = make_random(cfg, device="cuda", dtype=torch.bfloat16)
+    fast = FastBackboneLogits(model, eager=True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.rows, args.prefix + 32), generator=g).cuda()
+    pads = torch.zeros(args.rows, dtype=torch.long, device="cuda")
+    cache = fast.new_cache(args.rows, args.prefix + 64)
+    fast(ids[:, :args.prefix], 0, pads, cache, 32)
+    for _ in range(3):
+        fast(ids[:, args.prefix:], args.prefix, pads, cache, 32)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fast(ids[:, args.prefix:], args.prefix, pads, cache, 32)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    print(table)
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    total = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 5 / 1e3
+    print(f"GPU busy time per step: {total:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
