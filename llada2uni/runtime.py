@@ -65,18 +65,97 @@ def static_step(model: LLaDA2MoeForLM, ids: Tensor, positions: Tensor, write_ind
     return F.linear(h, model.lm_head.weight).float()
 
 
+def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _attention_part(h, cos, sin, kc, vc, write_index, mask, ln_w, qkv_w, qn_w, kn_w, dense_w, post_w,
+                    hq: int, hkv: int, d: int, eps: float):
+    """Norm, QKV, QK-norm, RoPE, cache write, attention, output projection, residual, post-norm.
+
+    Weights come in as arguments so that one compiled graph serves every layer (same shapes).
+    """
+    r, t, _ = h.shape
+    q, k, v = F.linear(_rms(h, ln_w, eps), qkv_w).view(r, t, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=2)
+    q, k = _rms(q, qn_w, eps), _rms(k, kn_w, eps)
+    q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+    q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+    kc.index_copy_(2, write_index, k)
+    vc.index_copy_(2, write_index, v)
+    out = attend(q, kc, vc, mask, d ** -0.5)
+    h = h + F.linear(out.transpose(1, 2).reshape(r, t, hq * d), dense_w)
+    return h, _rms(h, post_w, eps)
+
+
+def _router_part(x, gate_w, bias, n_group: int, topk_group: int, top_k: int, scale: float):
+    from .ops.moe import route
+    return route(F.linear(x.float(), gate_w), bias, n_group=n_group, topk_group=topk_group, top_k=top_k,
+                 routed_scaling_factor=scale)
+
+
+def _combine_part(h, routed, x, sg, su, sd):
+    """Residual + routed (fp32 sum, cast) + shared expert."""
+    return h + (routed.to(h.dtype) + F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd))
+
+
+class CompiledStep:
+    """``static_step`` with the per-layer elementwise work fused by torch.compile.
+
+    Three small graphs (attention sub-layer, router, residual + shared expert) are compiled once and
+    reused by every MoE layer, since their weights are arguments; the grouped-GEMM expert dispatch and
+    layer 0's dense MLP stay eager. Numerics: the same operations; fused kernels may round fp32
+    intermediates differently, so logits agree to bf16 tolerance, not bit for bit.
+    """
+
+    def __init__(self, model: LLaDA2MoeForLM) -> None:
+        self.model = model
+        opts = dict(dynamic=False, fullgraph=True)
+        self.attention = torch.compile(_attention_part, **opts)
+        self.router = torch.compile(_router_part, **opts)
+        self.combine = torch.compile(_combine_part, **opts)
+
+    def __call__(self, ids, positions, write_index, mask, cache, num_logits) -> Tensor:
+        model, cfg = self.model, self.model.config
+        hq, hkv, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+        r, t = ids.shape
+        h = model.model.word_embeddings(ids)
+        cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, h.dtype)
+        for i, layer in enumerate(model.model.layers):
+            att = layer.attention
+            h, x = self.attention(h, cos, sin, cache.k[i], cache.v[i], write_index, mask,
+                                  layer.input_layernorm.weight, att.query_key_value.weight,
+                                  att.query_layernorm.weight, att.key_layernorm.weight, att.dense.weight,
+                                  layer.post_attention_layernorm.weight, hq, hkv, d, eps)
+            mlp = layer.mlp
+            if not isinstance(mlp, MoE) or mlp.shared_experts is None:
+                h = h + mlp(x)
+                continue
+            flat = x.reshape(-1, x.shape[-1])
+            ids_, w = self.router(flat, mlp.gate.weight, mlp.gate.expert_bias, cfg.n_group, cfg.topk_group,
+                                  cfg.num_experts_per_tok, cfg.routed_scaling_factor)
+            routed = experts_grouped(flat, ids_, w, mlp.experts.w13, mlp.experts.w2).view(r, t, -1)
+            sh = mlp.shared_experts
+            h = self.combine(h, routed, x, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+        h = model.model.norm(h[:, -num_logits:])
+        return F.linear(h, model.lm_head.weight).float()
+
+
 class FastBackboneLogits:
     """The backbone as the sampler's ``logits_fn``, fast path. Same contract as ``BackboneLogits``."""
 
     GRAPH_WINDOWS = (32, 64)
 
-    def __init__(self, model: LLaDA2MoeForLM, block_length: int = 32, *, eager: bool = False) -> None:
+    def __init__(self, model: LLaDA2MoeForLM, block_length: int = 32, *, eager: bool = False,
+                 compile: bool = False) -> None:
         self.model = model
         self.block_length = block_length
         self.grouped = use_grouped_moe(model)
         # Graphs need the host-sync-free grouped MoE and a CUDA device.
         self.graphs = (not eager) and self.grouped and model.device.type == "cuda"
         self._graphs: dict = {}
+        self.step = CompiledStep(model) if (compile and self.grouped) else \
+            (lambda *a: static_step(model, *a))
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
         return self.model.new_cache(rows, max_len)
@@ -100,7 +179,7 @@ class FastBackboneLogits:
         positions, write_index, mask = self._inputs(ids, start, pad_lens, cache)
         key = (ids.shape[0], ids.shape[1], num_logits, id(cache))
         if not self.graphs or ids.shape[1] not in self.GRAPH_WINDOWS:
-            return static_step(self.model, ids, positions, write_index, mask, cache, num_logits)
+            return self.step(ids, positions, write_index, mask, cache, num_logits)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._capture(key, ids, positions, write_index, mask, cache, num_logits)
@@ -120,27 +199,30 @@ class FastBackboneLogits:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: allocator and library handles, outside the graph
-                static_step(self.model, inputs["ids"], inputs["positions"], inputs["write_index"],
-                            inputs["mask"], cache, num_logits)
+            for _ in range(2):  # warm-up: compilation, allocator and library handles, outside the graph
+                self.step(inputs["ids"], inputs["positions"], inputs["write_index"], inputs["mask"], cache,
+                          num_logits)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = static_step(self.model, inputs["ids"], inputs["positions"], inputs["write_index"],
-                              inputs["mask"], cache, num_logits)
+            out = self.step(inputs["ids"], inputs["positions"], inputs["write_index"], inputs["mask"], cache,
+                            num_logits)
         entry = {"graph": graph, "inputs": inputs, "out": out}
         self._graphs[key] = entry
         return entry
 
 
-def accelerate(pipe, *, eager: bool = False, compile_decoder: bool | None = None) -> bool:
-    """Give a pipeline the fast path: grouped MoE, CUDA graphs unless ``eager``, and (on CUDA, unless
-    ``compile_decoder=False``) regional torch.compile of the DiT blocks.
+def accelerate(pipe, *, eager: bool = False, compile_step: bool | None = None,
+               compile_decoder: bool | None = None) -> bool:
+    """Give a pipeline the fast path: grouped MoE, CUDA graphs unless ``eager``, and on CUDA (unless
+    switched off) torch.compile of the per-layer step (``CompiledStep``) and of the DiT blocks.
 
     Returns whether the grouped MoE is in use. ``pipe.logits_fn`` can be set back to a
     ``BackboneLogits`` to return to the clear path.
     """
-    pipe.logits_fn = FastBackboneLogits(pipe.model, eager=eager)
+    if compile_step is None:
+        compile_step = (not eager) and pipe.model.device.type == "cuda"
+    pipe.logits_fn = FastBackboneLogits(pipe.model, eager=eager, compile=compile_step)
     if compile_decoder is None:
         compile_decoder = (not eager) and pipe.image_device.type == "cuda"
     pipe.compile_decoder = compile_decoder

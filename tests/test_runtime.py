@@ -52,7 +52,7 @@ def test_cuda_graph_tokens_equal_eager_tokens(tiny_dir):
     pipe = LLaDA2Uni.from_pretrained(tiny_dir, device="cuda", dtype="bfloat16")
     accelerate(pipe, eager=True)
     eager = pipe.generate_image(["a red cube", "two cats"], 128, 128, steps=4, cfg_scale=3.0)
-    accelerate(pipe, eager=False)
+    accelerate(pipe, eager=False, compile_step=False)  # graphs alone are exact
     assert pipe.logits_fn.graphs
     graphed = pipe.generate_image(["a red cube", "two cats"], 128, 128, steps=4, cfg_scale=3.0)
     assert graphed == eager
@@ -72,3 +72,21 @@ def test_grouped_moe_matches_reference_on_gpu():
         out = experts_grouped(x, ids, w, w13, w2)
         rel = (out - ref).norm() / ref.norm()
         assert rel < 1e-2, rel
+
+
+@pytest.mark.gpu
+def test_compiled_step_matches_eager_step(tiny_dir):
+    from llada2uni.weights import load_backbone
+    model = load_backbone(tiny_dir, device=torch.device("cuda"), dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 128), generator=g).cuda()
+    pads = torch.tensor([0, 5], device="cuda")
+    spans = [(0, 96), (64, 128), (96, 128)]
+    eager = _window_logits(FastBackboneLogits(model, eager=True), ids, pads, spans)
+    fast = _window_logits(FastBackboneLogits(model, eager=False, compile=True), ids, pads, spans)
+    # bf16: fused kernels round differently and a near-tie in the router can pick another expert for
+    # a token, so compare the predictions, not the bits (fp32 agreement is checked on CPU in development:
+    # 4e-7 relative)
+    for a, b in zip(eager, fast):
+        agree = (a.argmax(-1) == b.argmax(-1)).float().mean()
+        assert agree > 0.9, agree
