@@ -18,6 +18,20 @@ class ConfigError(ValueError):
     """A checkpoint config that cannot describe a valid model."""
 
 
+def read_json(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A JSON object from a checkpoint file, or a ConfigError that names the file and the problem."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return raw
+
+
 def _from_dict(cls, raw: dict[str, Any]):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     return cls(**{k: v for k, v in raw.items() if k in names})
@@ -120,14 +134,7 @@ class BackboneConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "BackboneConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json(path, "config file"))
 
     def to_dict(self) -> dict[str, Any]:
         """Every key written explicitly (spec 2.2: other implementations' defaults differ)."""

@@ -15,7 +15,6 @@ raster (row-major) order. Decisions where the spec is UNCERTAIN or silent are ma
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import ConfigError
+from .config import ConfigError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +124,7 @@ class PreprocessorConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "PreprocessorConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"preprocessor config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} does not hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json(path, "preprocessor config"))
 
 
 # --------------------------------------------------------------------------------------------------

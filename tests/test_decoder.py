@@ -353,7 +353,7 @@ def test_dit_missing_or_sharded_weights(root, tmp_path):
 def test_missing_configs_and_folders(root, tmp_path):
     shutil.copytree(root / "vae", tmp_path / "vae")
     (tmp_path / "vae/config.json").unlink()
-    with pytest.raises(CheckpointError, match="missing config file .*config.json"):
+    with pytest.raises(CheckpointError, match="config file not found: .*config.json"):
         load_vae(tmp_path / "vae", CPU, torch.float32)
     with pytest.raises(CheckpointError, match="missing checkpoint folder"):
         load_vae(tmp_path / "nowhere", CPU, torch.float32)

@@ -90,3 +90,14 @@ def test_compiled_step_matches_eager_step(tiny_dir):
     for a, b in zip(eager, fast):
         agree = (a.argmax(-1) == b.argmax(-1)).float().mean()
         assert agree > 0.9, agree
+
+
+@pytest.mark.gpu
+def test_image_side_on_another_device(tiny_dir):
+    # The backbone on the GPU, the image side elsewhere (here the CPU; a second GPU in practice).
+    pipe = LLaDA2Uni.from_pretrained(tiny_dir, device="cuda", dtype="bfloat16", image_device="cpu")
+    r = pipe.generate_image("a red cube", 64, 64, steps=2)
+    image = pipe.decode_tokens(r["token_ids"], r["h"], r["w"], mode="turbo", seed=0)
+    assert image.size == (64, 64)
+    assert next(pipe.image_decoder.vae.parameters()).device.type == "cpu"
+    assert pipe.model.device.type == "cuda"

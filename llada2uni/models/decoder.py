@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import ConfigError, read_json
 from ..sampling.flow import sample_normal, sample_turbo
 from ..sampling.schedules import normal_time_grid, turbo_time_grid
 from ..weights import CheckpointError, materialize, resolve_checkpoint, resolve_device, resolve_dtype
@@ -178,15 +178,11 @@ def _folder(path: str | Path) -> Path:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """read_json, reported as a checkpoint problem (a decoder folder without a usable config)."""
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"missing config file {path}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return raw
+        return read_json(path, "config file")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _few(names: list[str]) -> str:

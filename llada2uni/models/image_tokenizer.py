@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import ConfigError, read_json
 from ..preprocess import (
     DEFAULT_MAX_PIXELS,
     UNDERSTAND_FACTOR,
@@ -132,16 +132,7 @@ class ImageTokenizerConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ImageTokenizerConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"image tokenizer config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} does not hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json(path, "image tokenizer config"))
 
     def hf_configs(self):
         """(GlmImageVisionConfig, GlmImageVQVAEConfig) for the transformers modules."""
