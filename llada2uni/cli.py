@@ -16,7 +16,9 @@ from pathlib import Path
 def _load(args):
     from .pipeline import LLaDA2Uni
     pipe = LLaDA2Uni.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
-                                     keep_decoder=not getattr(args, "low_memory", False))
+                                     keep_decoder=not getattr(args, "low_memory", False),
+                                     image_device=getattr(args, "image_device", None),
+                                     fast=not getattr(args, "eager", False))
     pipe.progress = not args.quiet
     return pipe
 
@@ -26,6 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--low_memory", action="store_true", help="free the diffusion decoder after each image")
+    p.add_argument("--image_device", default=None, help="put the image side on another GPU, e.g. cuda:1")
+    p.add_argument("--eager", action="store_true", help="clear eager path: no CUDA graphs, no compile")
 
 
 def _add_decode_args(p: argparse.ArgumentParser, *, default_mode: str = "normal") -> None:
@@ -73,6 +77,29 @@ def _sources(pipe, args) -> tuple[list, list, list]:
     return list(args.image), [None] * len(args.image), [None] * len(args.image)
 
 
+def _add_sprint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SPRINT", "training-free acceleration (docs/sprint.md)")
+    g.add_argument("--use_sprint", action="store_true", help="adaptive unmasking + prefix KV reuse and pruning")
+    g.add_argument("--keep_ratio", type=float, default=0.7, help="fraction of the prefix KV kept after warm-up")
+    g.add_argument("--cache_warmup_steps", type=int, default=2,
+                   help="steps of each block run against the full prefix")
+    g.add_argument("--image_keep_ratio", type=float, default=None,
+                   help="keep ratio of image tokens (default: --keep_ratio)")
+    g.add_argument("--text_keep_ratio", type=float, default=None,
+                   help="keep ratio of text tokens (default: --keep_ratio)")
+    g.add_argument("--confidence_alpha", type=float, default=0.5,
+                   help="weight of token confidence in the importance score")
+    g.add_argument("--remasking", choices=["low_confidence", "top_k_margin", "neg_entropy"],
+                   default="low_confidence", help="confidence that ranks the positions to commit")
+
+
+def _sprint_kwargs(args) -> dict:
+    return dict(use_sprint=args.use_sprint, keep_ratio=args.keep_ratio,
+                cache_warmup_steps=args.cache_warmup_steps, image_keep_ratio=args.image_keep_ratio,
+                text_keep_ratio=args.text_keep_ratio, confidence_alpha=args.confidence_alpha,
+                remasking=args.remasking)
+
+
 def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
     path = make_tiny(args.dir, seed=args.seed, overwrite=args.overwrite)
@@ -94,7 +121,8 @@ def cmd_t2i(args) -> int:
         raise SystemExit("error: --output names one file; use --output_dir for several prompts")
     pipe = _load(args)
     kw = dict(steps=args.steps, cfg_scale=args.cfg_scale, mode=args.mode, block_length=args.block_length,
-              thinking_steps=args.thinking_steps, thinking_gen_length=args.thinking_gen_length)
+              thinking_steps=args.thinking_steps, thinking_gen_length=args.thinking_gen_length,
+              threshold=args.threshold, **_sprint_kwargs(args))
     results = []
     if args.mode == "thinking":
         results = [pipe.generate_image(p, args.image_h, args.image_w, seed=args.seed, **kw) for p in prompts]
@@ -118,7 +146,7 @@ def cmd_understand(args) -> int:
     answer = pipe.understand_image(items if len(items) > 1 else items[0], hs if len(items) > 1 else hs[0],
                                    ws if len(items) > 1 else ws[0], question=args.question, steps=args.steps,
                                    gen_length=args.gen_length, block_length=args.block_length,
-                                   threshold=args.threshold, seed=args.seed)
+                                   threshold=args.threshold, seed=args.seed, **_sprint_kwargs(args))
     print(answer)
     return 0
 
@@ -208,6 +236,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import serve  # lazy: the server needs the [server] extra
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada2uni", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -232,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["normal", "thinking"], default="normal")
     p.add_argument("--thinking_steps", type=int, default=32)
     p.add_argument("--thinking_gen_length", type=int, default=4096)
+    p.add_argument("--threshold", type=float, default=0.95, help="commit every token above this probability")
+    _add_sprint_args(p)
     _add_decode_args(p)
     p.add_argument("--output_dir", default="./t2i_output")
     p.add_argument("--output", help="single output file (one prompt)")
@@ -246,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--block_length", type=int, default=32)
     p.add_argument("--gen_length", type=int, default=2048)
-    p.add_argument("--threshold", type=float, default=0.95)
+    p.add_argument("--threshold", type=float, default=0.95, help="commit every token above this probability")
+    _add_sprint_args(p)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_understand)
 
@@ -285,6 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=lambda a: print(_load(a).chat(a.message, steps=a.steps, gen_length=a.gen_length,
                                                       block_length=a.block_length, seed=a.seed)) or 0)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web page (docs/server.md)")
+    p.add_argument("--model", required=True, help="checkpoint folder, Hugging Face repo id, or 'tiny'")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--low-memory", action="store_true", help="free the diffusion decoder after each image")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $LLADA2UNI_API_KEY)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-batch", type=int, default=32, help="denoising requests sharing one forward")
+    p.add_argument("--max-queue", type=int, default=64, help="requests in flight; more get 429")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    p.add_argument("--max-body-mb", type=float, default=32.0)
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="per uploaded image")
+    p.add_argument("--default-size", default="1024x1024", help="image size when a request gives none")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image_url in chat")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run every task offline on a tiny checkpoint it makes")
     p.add_argument("--output_dir", default="demo_output")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from .models.backbone import LLaDA2MoeForLM
 from .ops.attention import block_causal_mask, rope_positions
 from .sampling.block import DenoiseRequest, generate
 from .sampling.guidance import Guidance
+from .sampling.sprint import Sprint, supports
 from .tokens import Tokens, TokenError, align_left
 from .weights import load_backbone, resolve_checkpoint, resolve_device, resolve_dtype
 
@@ -29,6 +30,9 @@ BLOCK_LENGTH = 32
 
 class BackboneLogits:
     """The backbone as the sampler's ``logits_fn``: builds positions and the block-causal mask."""
+
+    # model.forward honours the cache's SPRINT view (pruned prefix) and attention probe.
+    sprint_views = True
 
     def __init__(self, model: LLaDA2MoeForLM, block_length: int = BLOCK_LENGTH) -> None:
         self.model = model
@@ -58,7 +62,8 @@ class LLaDA2Uni:
     """LLaDA2.0-Uni: backbone, tokenizer and (later) the image side, loaded once."""
 
     def __init__(self, model: LLaDA2MoeForLM, tokens: Tokens, path: Path | None = None, *,
-                 image_dtype: torch.dtype | None = None, keep_decoder: bool = True) -> None:
+                 image_dtype: torch.dtype | None = None, keep_decoder: bool = True,
+                 image_device: str | torch.device | None = None) -> None:
         self.model = model
         self.tokens = tokens
         self.config: BackboneConfig = model.config
@@ -67,6 +72,9 @@ class LLaDA2Uni:
         # DiT after each decode, for small GPUs).
         self.image_dtype = image_dtype or model.dtype
         self.keep_decoder = keep_decoder
+        # A second GPU can hold the image side (SigLIP-VQ, SigVQ, DiT, VAE) next to the backbone.
+        self.image_device = resolve_device(image_device) if image_device is not None else model.device
+        self.compile_decoder = False  # runtime.accelerate turns on regional torch.compile of the DiT
         self._image_tokenizer = None
         self._image_decoder = None
         self.logits_fn = BackboneLogits(model)
@@ -77,14 +85,19 @@ class LLaDA2Uni:
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, revision: str | None = None,
-                        keep_decoder: bool = True) -> "LLaDA2Uni":
+                        keep_decoder: bool = True, image_device: str | torch.device | None = None,
+                        fast: bool = True) -> "LLaDA2Uni":
         """Load from a local folder or a Hub repo id. ``dtype`` defaults to bfloat16 (float32 on CPU)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, default=torch.bfloat16 if dev.type == "cuda" else torch.float32)
         directory = resolve_checkpoint(path_or_repo, revision=revision)
         model = load_backbone(directory, device=dev, dtype=dt)
         tokens = Tokens.from_pretrained(directory, model.config)
-        return cls(model, tokens, directory, keep_decoder=keep_decoder)
+        pipe = cls(model, tokens, directory, keep_decoder=keep_decoder, image_device=image_device)
+        if fast and dev.type == "cuda":  # the fast path; fast=False keeps the clear eager path
+            from .runtime import accelerate
+            accelerate(pipe)
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -133,7 +146,19 @@ class LLaDA2Uni:
                               threshold=threshold, guidance=guidance, vocab=vocab, stop_ids=stop_ids,
                               temperature=temperature, generator=generator)
 
-    def _run(self, requests: list[DenoiseRequest], block_length: int, desc: str) -> list[list[int]]:
+    @staticmethod
+    def _sprint(use_sprint: bool, keep_ratio: float, cache_warmup_steps: int, image_keep_ratio: float | None,
+                text_keep_ratio: float | None, confidence_alpha: float, remasking: str) -> Sprint | None:
+        """The task methods' SPRINT keywords (spec 6.2) -> the sampler's parameters (None when off)."""
+        if not use_sprint:
+            return None
+        return Sprint(keep_ratio=keep_ratio, image_keep_ratio=image_keep_ratio, text_keep_ratio=text_keep_ratio,
+                      cache_warmup_steps=cache_warmup_steps, confidence_alpha=confidence_alpha,
+                      remasking=remasking)
+
+    def _run(self, requests: list[DenoiseRequest], block_length: int, desc: str,
+             sprint: Sprint | None = None, on_block: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        # on_block(done, total): the sampler's per-block callback (the server's progress and abort)
         if block_length < 1:
             raise ValueError(f"block_length must be >= 1, got {block_length}")
         bar = None
@@ -145,19 +170,30 @@ class LLaDA2Uni:
             bar.total = total
             bar.n = done
             bar.refresh()
-        out = generate(self.logits_fn, requests, mask_id=self.tokens.ids.mask, block_length=block_length,
-                       use_cache=self.use_cache, device=self.device, progress=progress if bar is not None else None)
+        logits_fn = self.logits_fn
+        if getattr(logits_fn, "block_length", block_length) != block_length:
+            logits_fn.block_length = block_length  # the attention mask's blocks follow the sampler's
+        if (sprint is not None and not getattr(logits_fn, "sprint_views", False)
+                and all(supports(r.guidance.kind) for r in requests)):
+            # SPRINT's pruned and probed steps need model.forward (a fast path may bypass the cache view).
+            log.info("SPRINT runs on the clear backbone path: this logits_fn does not support cache views")
+            logits_fn = BackboneLogits(self.model, block_length)
+        out = generate(logits_fn, requests, mask_id=self.tokens.ids.mask, block_length=block_length,
+                       use_cache=self.use_cache, device=self.device,
+                       progress=on_block or (progress if bar is not None else None),
+                       sprint=sprint, image_offset=self.tokens.ids.image_offset)
         if bar is not None:
             bar.close()
-        self.last_stats = {"forwards": out.forwards, "steps_per_block": out.steps_per_block}
+        self.last_stats = {"forwards": out.forwards, "steps_per_block": out.steps_per_block,
+                           "pruned": out.pruned}
         return out.tokens
 
     def _denoise_text(self, prompt: list[int], *, gen_length: int, steps: int, block_length: int,
                       threshold: float, temperature: float, seed: int | None,
-                      stop_ids: frozenset[int], desc: str = "text") -> list[int]:
+                      stop_ids: frozenset[int], desc: str = "text", sprint: Sprint | None = None) -> list[int]:
         req = self._request([prompt], gen_length=gen_length, steps=steps, threshold=threshold,
                             stop_ids=stop_ids, temperature=temperature, generator=self._generator(seed))
-        return self._run([req], block_length, desc)[0]
+        return self._run([req], block_length, desc, sprint)[0]
 
     def _codes(self, ids: list[int]) -> list[int]:
         """LLM image ids -> raw codes 0..K-1 (the model card's ``token_ids``: no offset)."""
@@ -172,18 +208,25 @@ class LLaDA2Uni:
     def understand_image(self, image_tokens: ImageInput | list[ImageInput], h: int | list[int] | None = None,
                          w: int | list[int] | None = None, question: str = "", *, steps: int = 32,
                          gen_length: int = 2048, block_length: int = BLOCK_LENGTH, threshold: float = 0.95,
-                         temperature: float = 0.0, seed: int | None = None) -> str:
+                         temperature: float = 0.0, seed: int | None = None, use_sprint: bool = False,
+                         keep_ratio: float = 0.7, cache_warmup_steps: int = 2,
+                         image_keep_ratio: float | None = None, text_keep_ratio: float | None = None,
+                         confidence_alpha: float = 0.5, remasking: str = "low_confidence") -> str:
         """Answer ``question`` about one or several images.
 
         ``image_tokens`` are encoder codes already offset by ``image_token_offset`` (as in the
         model card), in raster order, ``h * w`` of them; or a PIL image (or path / bytes), encoded
         with the understanding resize. Several images: pass lists (of tokens, h, w, or pictures).
+        ``use_sprint`` and the keywords after it turn on SPRINT (docs/sprint.md); the model card's
+        example uses threshold 0.93, keep_ratio 0.5, cache_warmup_steps 1, image/text_keep_ratio 1.0.
         """
+        sprint = self._sprint(use_sprint, keep_ratio, cache_warmup_steps, image_keep_ratio, text_keep_ratio,
+                              confidence_alpha, remasking)
         images = self._image_list(image_tokens, h, w, mode="understand")
         prompt = self.tokens.understand_prompt(images, question)
         ids = self._denoise_text(prompt, gen_length=gen_length, steps=steps, block_length=block_length,
                                  threshold=threshold, temperature=temperature, seed=seed,
-                                 stop_ids=frozenset({self.tokens.ids.eos}))
+                                 stop_ids=frozenset({self.tokens.ids.eos}), sprint=sprint)
         return self.tokens.decode(ids)
 
     def chat(self, messages: list[dict] | str, *, steps: int = 32, gen_length: int = 2048,
@@ -222,7 +265,10 @@ class LLaDA2Uni:
                        steps: int = 8, cfg_scale: float = 2.0, block_length: int = BLOCK_LENGTH,
                        mode: str = "normal", thinking_steps: int = 32, thinking_gen_length: int = 4096,
                        threshold: float = 0.95, cfg_rescale: float = 0.0, temperature: float = 0.0,
-                       seed: int | None = None) -> dict | list[dict]:
+                       seed: int | None = None, use_sprint: bool = False, keep_ratio: float = 0.7,
+                       cache_warmup_steps: int = 2, image_keep_ratio: float | None = None,
+                       text_keep_ratio: float | None = None, confidence_alpha: float = 0.5,
+                       remasking: str = "low_confidence") -> dict | list[dict]:
         """Text to an image-code grid: ``{"token_ids", "h", "w"}`` (+ ``"thinking"`` in thinking mode).
 
         ``token_ids`` are raw codes (no offset), raster order, ``h * w`` of them; h, w = image side / 32.
@@ -230,7 +276,13 @@ class LLaDA2Uni:
         steps 16, cfg_scale 4.0, 512 px. Guidance runs only when cfg_scale > 1 (as SGLang-Omni does);
         cfg_rescale is off by default (SGLang uses 0.7; the HF default is unknown). The canvas is
         restricted to image codes (spec 5.4). A list of prompts is generated as one batch.
+        ``use_sprint`` and the keywords after it turn on SPRINT (docs/sprint.md), in both phases of
+        thinking mode.
         """
+        sprint_kw = dict(use_sprint=use_sprint, keep_ratio=keep_ratio, cache_warmup_steps=cache_warmup_steps,
+                         image_keep_ratio=image_keep_ratio, text_keep_ratio=text_keep_ratio,
+                         confidence_alpha=confidence_alpha, remasking=remasking)
+        sprint = self._sprint(**sprint_kw)
         if isinstance(prompt, (list, tuple)):
             if mode == "thinking":
                 return [self.generate_image(p, image_h, image_w, steps=steps, cfg_scale=cfg_scale,
@@ -238,7 +290,7 @@ class LLaDA2Uni:
                                             thinking_steps=thinking_steps,
                                             thinking_gen_length=thinking_gen_length, threshold=threshold,
                                             cfg_rescale=cfg_rescale, temperature=temperature,
-                                            seed=None if seed is None else seed + i)
+                                            seed=None if seed is None else seed + i, **sprint_kw)
                         for i, p in enumerate(prompt)]
             prompts = list(prompt)
         else:
@@ -256,7 +308,7 @@ class LLaDA2Uni:
                                         steps=thinking_steps, block_length=block_length, threshold=threshold,
                                         temperature=temperature, seed=seed,
                                         stop_ids=frozenset({self.tokens.ids.boi, self.tokens.ids.eos}),
-                                        desc="thinking")
+                                        desc="thinking", sprint=sprint)
             thinking = phase1
             all_rows = [self.tokens.thinking_image_prompts(prompts[0], phase1, gh, gw)]
         else:
@@ -266,7 +318,7 @@ class LLaDA2Uni:
                                   steps=steps, threshold=threshold, guidance=guidance, image=True,
                                   temperature=temperature, generator=gen)
                     for rows in all_rows]
-        outs = self._run(requests, block_length, "image tokens")
+        outs = self._run(requests, block_length, "image tokens", sprint)
         results = [{"token_ids": self._codes(ids), "h": gh, "w": gw} for ids in outs]
         if thinking is not None:
             results[0]["thinking"] = self.tokens.thinking_text(thinking)
@@ -295,13 +347,20 @@ class LLaDA2Uni:
                    instruction: str = "", *, steps: int = 8, block_length: int = BLOCK_LENGTH,
                    cfg_text_scale: float = 4.0, cfg_image_scale: float = 0.0, threshold: float = 0.95,
                    cfg_rescale: float = 0.0, temperature: float = 0.0, output_h: int | None = None,
-                   output_w: int | None = None, seed: int | None = None) -> dict:
+                   output_w: int | None = None, seed: int | None = None, use_sprint: bool = False,
+                   keep_ratio: float = 0.7, cache_warmup_steps: int = 2, image_keep_ratio: float | None = None,
+                   text_keep_ratio: float | None = None, confidence_alpha: float = 0.5,
+                   remasking: str = "low_confidence") -> dict:
         """Edit one image, or several references, following ``instruction``: ``{"token_ids", "h", "w"}``.
 
         Three-way CFG ``u + t (c - u) + i (u - n)``; the no-image row runs only when
         cfg_image_scale > 0. The output grid is the (first) source grid unless output_h/output_w
         (grid sides in tokens) are given. Multi-reference layout: see ``Tokens.edit_prompts``.
+        The SPRINT keywords are accepted as in the remote-code API, but editing guidance runs the
+        baseline loop (spec 6.1; the sampler logs it).
         """
+        sprint = self._sprint(use_sprint, keep_ratio, cache_warmup_steps, image_keep_ratio, text_keep_ratio,
+                              confidence_alpha, remasking)
         self._check_prompt(instruction, "instruction")
         self._check_scale(cfg_text_scale=cfg_text_scale, cfg_image_scale=cfg_image_scale,
                           cfg_rescale=cfg_rescale)
@@ -314,7 +373,7 @@ class LLaDA2Uni:
         rows = self.tokens.edit_prompts(images, instruction, gh, gw, image_guidance=cfg_image_scale > 0)
         req = self._request(rows, gen_length=gh * gw, steps=steps, threshold=threshold, guidance=guidance,
                             image=True, temperature=temperature, generator=self._generator(seed))
-        ids = self._run([req], block_length, "edit tokens")[0]
+        ids = self._run([req], block_length, "edit tokens", sprint)[0]
         return {"token_ids": self._codes(ids), "h": gh, "w": gw}
 
     # ---- interleaved ----
@@ -391,7 +450,7 @@ class LLaDA2Uni:
         if self._image_tokenizer is None:
             from .models.image_tokenizer import ImageTokenizer
             self._image_tokenizer = ImageTokenizer.from_pretrained(
-                self._image_root() / "image_tokenizer", device=self.device, dtype=self.image_dtype)
+                self._image_root() / "image_tokenizer", device=self.image_device, dtype=self.image_dtype)
         return self._image_tokenizer
 
     @property
@@ -400,8 +459,9 @@ class LLaDA2Uni:
         if self._image_decoder is None:
             from .models.decoder import ImageDecoder
             self._image_decoder = ImageDecoder.from_pretrained(
-                self._image_root(), device=self.device, dtype=self.image_dtype,
+                self._image_root(), device=self.image_device, dtype=self.image_dtype,
                 keep_resident=self.keep_decoder)
+            self._image_decoder.compile_dit = self.compile_decoder
         return self._image_decoder
 
     def encode_image(self, image, *, mode: str = "understand", num_images: int = 1) -> tuple[list[int], int, int]:

@@ -157,8 +157,19 @@ class FastBackboneLogits:
         self.step = CompiledStep(model) if (compile and self.grouped) else \
             (lambda *a: static_step(model, *a))
 
+    CACHE_QUANTUM = 512
+
     def new_cache(self, rows: int, max_len: int) -> KVCache:
-        return self.model.new_cache(rows, max_len)
+        """A cache for ``rows`` x ``max_len``, reused across generations of the same rounded shape so
+        that their CUDA graphs (tied to the cache's buffers) are reused too. Stale entries from an
+        earlier generation are harmless: every read is masked to the keys of the current window."""
+        max_len = -(-max_len // self.CACHE_QUANTUM) * self.CACHE_QUANTUM
+        last = getattr(self, "_cache", None)
+        if last is not None and last.rows == rows and last.max_len == max_len:
+            return last
+        self._graphs.clear()
+        self._cache = self.model.new_cache(rows, max_len)
+        return self._cache
 
     def _inputs(self, ids: Tensor, start: int, pad_lens: Tensor, cache: KVCache):
         end = start + ids.shape[1]
@@ -191,8 +202,8 @@ class FastBackboneLogits:
         return graph["out"].clone()
 
     def _capture(self, key, ids, positions, write_index, mask, cache, num_logits) -> dict:
-        # A graph is tied to one cache object (its buffers are baked in); a new generation's cache
-        # gets new graphs, and old ones are dropped so their memory pool is released.
+        # A graph is tied to one cache object (its buffers are baked in); graphs of other caches are
+        # dropped so their memory pool is released.
         self._graphs = {k: v for k, v in self._graphs.items() if k[3] == key[3]}
         inputs = {"ids": ids.clone(), "positions": positions.clone(), "write_index": write_index.clone(),
                   "mask": mask.clone()}

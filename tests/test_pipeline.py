@@ -126,3 +126,17 @@ def test_understand_and_edit_accept_pictures(pipe):
     # the output grid equals the source grid (edit crop of the source)
     src, h, w = pipe.encode_image(picture, mode="edit")
     assert (r["h"], r["w"]) == (h, w) and len(r["token_ids"]) == h * w
+
+
+def test_block_length_reaches_the_attention_mask(pipe):
+    # A block length other than 32 must change the mask the backbone sees, not only the sampler.
+    prompt = pipe.tokens.understand_prompt([(_image(pipe, 2, 2), 2, 2)], "Hi")
+    mask = pipe.tokens.ids.mask
+    from llada2uni.pipeline import BackboneLogits
+    ref = BackboneLogits(pipe.model, 16)
+    expected = generate(ref, [DenoiseRequest(rows=[prompt], pad_lens=[0], gen_length=40, steps=4)],
+                        mask_id=mask, block_length=16).tokens[0]
+    got = pipe._denoise_text(prompt, gen_length=40, steps=4, block_length=16, threshold=0.95,
+                             temperature=0.0, seed=None, stop_ids=frozenset())
+    pipe.logits_fn.block_length = 32
+    assert got == expected

@@ -78,6 +78,8 @@ class Attention(nn.Module):
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
+            if cache.probe is not None:  # SPRINT: attention mass the active block gives the prefix
+                cache.observe(q, k, mask, 1.0 / math.sqrt(d))
         out = attend(q, k, v, mask, 1.0 / math.sqrt(d))  # [R, Hq, T, D]
         return self.dense(out.transpose(1, 2).reshape(r, t, hq * d))
 
@@ -192,6 +194,8 @@ class LLaDA2MoeForLM(nn.Module):
         cfg = self.config
         if cache is None and start != 0:
             raise ValueError("a window that starts after 0 needs the KV cache of [0, start)")
+        if cache is not None:  # a SPRINT view of the cache attends to fewer keys than [0, start+T)
+            mask = cache.adapt_mask(mask, start)
         h = self.model.word_embeddings(ids)
         cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, h.dtype)
         for layer in self.model.layers:

@@ -2,11 +2,13 @@
 
 The model enters as a callable, so this module never imports the model or the tokenizer. Every row of
 every request sits in one canvas [R, L] and each denoising step is ONE batched model call; CFG rows of a
-request share its canvas (committed tokens are written into all of them).
+request share its canvas (committed tokens are written into all of them). SPRINT (spec 6,
+``sprint.py``) is one more argument: its own counts per step, and prefix reuse with pruning.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -15,7 +17,10 @@ from torch import FloatTensor, LongTensor
 
 from .guidance import Guidance, combine
 from .schedules import tokens_per_step
-from .unmask import restrict_vocab, sample_tokens, select_transfer
+from .sprint import PruneStats, Sprint, adaptive_k, importance, prune_stats, select_kept, supports
+from .unmask import confidence_scores, restrict_vocab, sample_tokens, select_transfer
+
+log = logging.getLogger(__name__)
 
 
 class LogitsFn(Protocol):
@@ -30,6 +35,8 @@ class LogitsFn(Protocol):
         Returns fp32 logits [R, num_logits, V] of the LAST num_logits window positions.
 
         Optional method new_cache(rows, max_len) -> cache; without it the loop runs uncached.
+        Optional attribute sprint_views = True: its cache is a ``sprint.PrunableCache`` and its
+        forward honours the cache's view and probe; SPRINT's prefix reuse and pruning need it.
         """
 
 
@@ -56,6 +63,7 @@ class DenoiseOutput:
     first_block: int  # steps_per_block[j] counts the forwards of block first_block + j
     steps_per_block: list[int]
     stopped: list[bool]  # per request: finished early on a stop id
+    pruned: list[PruneStats] = field(default_factory=list)  # SPRINT: what each pruned block kept
 
 
 def _ceil_to(n: int, multiple: int) -> int:
@@ -75,6 +83,37 @@ def _check(req: DenoiseRequest) -> None:
         raise ValueError("gen_length must be >= 1")
 
 
+def _reuse_view(cache: Any, sprint: Sprint, x: LongTensor, conf_rows: torch.Tensor, plen_rows: LongTensor,
+                alive_rows: torch.Tensor, pad_lens: LongTensor, block: int, lo: int, hi: int,
+                image_offset: int | None, probed: bool) -> tuple[int, PruneStats | None]:
+    """Switch the cache to SPRINT's reused (and pruned) prefix for the rest of block [lo, hi).
+
+    Returns the new window start: the first generated position of the block over the live rows. The
+    prompt tail of the block (and every column of rows with nothing left to do there) is frozen: its
+    KV from the last warm-up step is reused, the approximation spelled out in ``sprint.py``.
+    """
+    dev = x.device
+    q_lo = torch.where(alive_rows, plen_rows.clamp(lo, hi), hi)  # [R] first position to compute
+    start = int(q_lo.min())
+    frozen = torch.arange(start, hi, device=dev)[None, :] < q_lo[:, None]  # [R, hi - start]
+    keep = stats = None
+    if probed:
+        attn = cache.end_probe()  # [R, lo]
+        candidate = (torch.arange(lo, device=dev)[None, :] >= pad_lens[:, None]) & alive_rows[:, None]
+        prefix = x[:, :lo]
+        is_image = prefix >= image_offset if image_offset is not None else torch.zeros_like(candidate)
+        score = importance(attn, conf_rows[:, :lo], candidate, sprint.confidence_alpha)
+        keep = select_kept(score, candidate, is_image, sprint.image_ratio, sprint.text_ratio)
+        stats = prune_stats(block, keep, candidate, is_image)
+        if torch.equal(keep, candidate):  # nothing dropped: the plain cache serves, no gather
+            keep = None
+        else:  # the frozen prompt tail [lo, start) belongs to the active block: never pruned
+            keep = torch.cat([keep, keep.new_ones(keep.shape[0], start - lo)], dim=1)  # [R, start]
+    if keep is not None or frozen.any():
+        cache.set_view(start, hi, keep, frozen if frozen.any() else None)
+    return start, stats
+
+
 def generate(
     logits_fn: LogitsFn,
     requests: list[DenoiseRequest],
@@ -84,11 +123,26 @@ def generate(
     use_cache: bool = True,
     device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sprint: Sprint | None = None,
+    image_offset: int | None = None,
 ) -> DenoiseOutput:
-    """Fill each request's generation canvas by block diffusion; all requests share every forward."""
+    """Fill each request's generation canvas by block diffusion; all requests share every forward.
+
+    ``sprint`` (when ``sprint.use``) turns on SPRINT (spec 6) for every request: per step commit
+    ceil(masked left / steps left) ranked by ``sprint.remasking``, plus the threshold; and, when the
+    cache supports it, prefix reuse with pruning after the first ``sprint.warmup`` steps of each
+    block. ``image_offset`` tells image keys (ids >= it) from text keys for the per-modality keep
+    ratios (None: all text). Editing guidance falls back to the baseline loop (spec 6.1).
+    """
     B = block_length
     for req in requests:
         _check(req)
+    if sprint is not None and not sprint.use:
+        sprint = None
+    if sprint is not None and not all(supports(req.guidance.kind) for req in requests):
+        log.warning("SPRINT does not support editing guidance (cfg_text_scale / cfg_image_scale); "
+                    "running the baseline loop")
+        sprint = None
     # Request r owns the stacked rows [first[r], first[r] + len(rows)).
     first, n = [], 0
     for req in requests:
@@ -120,18 +174,47 @@ def generate(
     forwards, steps_per_block = 0, []
     stopped = [False] * len(requests)
 
+    pruned: list[PruneStats] = []
+    # SPRINT's reuse and pruning act on the cache; without a prunable one only the unmasking changes.
+    reuse = sprint is not None and cache is not None and getattr(logits_fn, "sprint_views", False)
+    if sprint is not None:
+        if not reuse:
+            log.info("SPRINT: this logits_fn has no prunable KV cache; adaptive unmasking only")
+        row_req = torch.tensor([r for r, req in enumerate(requests) for _ in req.rows], device=device)
+        plen_rows = torch.tensor(plen, device=device)[row_req]  # [R]
+        # Confidence of each committed token at commit time; prompt tokens count as certain (INFERRED).
+        conf_at = torch.ones(len(requests), L, device=device)  # [N, L]
+
     for b in range(first_block, L // B):
         lo, hi = b * B, (b + 1) * B
         step = 0
         touched = [False] * len(requests)
+        qs = lo  # logits cover [qs, hi): the block, or with SPRINT reuse its part still computed
+        probed = False
         while True:
             alive = todo[:, lo:hi].any(1).tolist()
             if not any(alive):
                 break
-            # Cached: the window starts at the first non-final block, so the first forward of block b
-            # also writes the now-final KV of block b-1; no extra refresh forward is needed (spec 5.8).
-            start = valid if cache is not None else 0
-            logits = logits_fn(x[:, start:hi], start, pad_lens, cache, B)  # [R, B, V]
+            if reuse and step >= sprint.warmup:
+                if step == sprint.warmup:
+                    alive_rows = torch.tensor(alive, device=device)[row_req]
+                    qs, stats = _reuse_view(cache, sprint, x, conf_at[row_req], plen_rows, alive_rows,
+                                            pad_lens, b, lo, hi, image_offset, probed)
+                    probed = False
+                    if stats is not None:
+                        pruned.append(stats)
+                start = qs
+            else:
+                # Cached: the window starts at the first non-final block, so the first forward of block b
+                # also writes the now-final KV of block b-1; no extra refresh forward is needed (spec 5.8).
+                start = valid if cache is not None else 0
+                if reuse and step == 0 and sprint.prunes and lo > 0:
+                    # Importance for pruning: attention the block's generated positions pay the prefix.
+                    alive_rows = torch.tensor(alive, device=device)[row_req]
+                    gen = torch.arange(lo, hi, device=device)[None, :] >= plen_rows[:, None]  # [R, B]
+                    cache.begin_probe(gen & alive_rows[:, None], lo)
+                    probed = True
+            logits = logits_fn(x[:, start:hi], start, pad_lens, cache, hi - qs)  # [R, hi - qs, V]
             forwards += 1
             if cache is not None:
                 valid = lo
@@ -140,17 +223,31 @@ def generate(
                     continue
                 touched[r] = True
                 rows = slice(first[r], first[r] + len(req.rows))
-                g = combine(req.guidance, logits[rows])  # [B, V] fp32
+                g = combine(req.guidance, logits[rows])  # [hi - qs, V] fp32
                 if req.vocab is not None:
                     g = restrict_vocab(g, *req.vocab)
                 pred, conf = sample_tokens(g, req.temperature, req.top_k, req.top_p, req.generator)
-                # A request finishes its block in <= len(sched) steps: each step commits sched[step]
-                # or all that is left, and the schedule sums to B.
-                commit = select_transfer(conf, todo[r, lo:hi], scheds[r][step], req.threshold)  # [B]
-                x[rows, lo:hi] = torch.where(commit, pred, x[rows, lo:hi])
-                todo[r, lo:hi] &= ~commit
+                active = todo[r, qs:hi]
+                if sprint is None:
+                    # A request finishes its block in <= len(sched) steps: each step commits sched[step]
+                    # or all that is left, and the schedule sums to B.
+                    commit = select_transfer(conf, active, scheds[r][step], req.threshold)  # [B]
+                else:
+                    # Same guarantee: at the last step k is all that is left. The threshold tests the
+                    # top-1 probability whatever the ranking (spec 5.2).
+                    score = (conf if sprint.remasking == "low_confidence"
+                             else confidence_scores(g, pred, sprint.remasking))
+                    k = adaptive_k(active.sum(), len(scheds[r]), step)  # steps clamped as the baseline's
+                    commit = select_transfer(score, active, k, req.threshold, accept=conf)
+                    conf_at[r, qs:hi] = torch.where(commit, conf, conf_at[r, qs:hi])
+                x[rows, qs:hi] = torch.where(commit, pred, x[rows, qs:hi])
+                todo[r, qs:hi] &= ~commit
             step += 1
         steps_per_block.append(step)
+        if probed:  # the block finished within its warm-up steps
+            cache.end_probe()
+        if reuse:
+            cache.clear_view()
 
         for r, req in enumerate(requests):
             if touched[r] and req.stop_ids:
@@ -169,4 +266,4 @@ def generate(
         out = x[first[r], plen[r] : plen[r] + req.gen_length].tolist()
         cut = next((i for i, t in enumerate(out) if t in req.stop_ids), None)
         tokens.append(out if cut is None else out[: cut + 1])
-    return DenoiseOutput(tokens, forwards, first_block, steps_per_block, stopped)
+    return DenoiseOutput(tokens, forwards, first_block, steps_per_block, stopped, pruned)

@@ -77,17 +77,20 @@ def confidence_scores(logits: Tensor, pred: Tensor, strategy: str = "low_confide
     raise ValueError(f"unknown confidence strategy {strategy!r}")
 
 
-def select_transfer(conf: Tensor, active: Tensor, k: int, threshold: float) -> Tensor:
+def select_transfer(conf: Tensor, active: Tensor, k: int | Tensor, threshold: float,
+                    accept: Tensor | None = None) -> Tensor:
     """Positions to commit this step: the k most confident active positions, plus every active
     position with conf > threshold (spec 5.1). conf [T], active [T] bool -> bool [T].
 
     k is effectively clamped to the number of active positions; inactive positions are never chosen
     whatever their score. Ties go to the lower position (stable sorts), so the result does not depend
-    on the device's topk. Sort-based, so no host sync is needed.
+    on the device's topk. Sort-based, so no host sync is needed (k may be a 0-d tensor).
+    ``accept`` [T], if given, is what the threshold tests instead of conf: SPRINT ranks by margin or
+    entropy but accepts by top-1 probability (spec 5.2).
     """
     order = torch.sort(conf, descending=True, stable=True).indices
     # Second stable sort moves active positions in front, keeping their confidence order.
     order = order[torch.sort(active[order].to(torch.uint8), descending=True, stable=True).indices]
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=order.device)
-    return active & ((rank < k) | (conf > threshold))
+    return active & ((rank < k) | ((conf if accept is None else accept) > threshold))
