@@ -334,3 +334,18 @@ def test_progress_and_validation():
     assert seen == [(1, math.ceil(30 / B) - 1), (2, 3), (3, 3)]
     with pytest.raises(ValueError):
         generate(MockModel(), [DenoiseRequest([[1], [2]], [0, 0], 4, 4)], mask_id=MASK)  # 2 rows, no CFG
+
+
+
+def test_on_tokens_reports_committed_prefixes_after_each_block():
+    seen = {}
+    reqs = [DenoiseRequest(rows=[[1, 2, 3]], pad_lens=[0], gen_length=20, steps=4),
+            DenoiseRequest(rows=[[4, 5, 6, 7, 8, 9, 10, 11, 12, 13]], pad_lens=[0], gen_length=9, steps=2)]
+    out = generate(MockModel(), reqs, mask_id=MASK, block_length=B,
+                   on_tokens=lambda r, ids: seen.setdefault(r, []).append(ids))
+    for r, req in enumerate(reqs):
+        prefixes = seen[r]
+        assert len(prefixes) >= 2  # one report per block the request spans
+        assert all(b[:len(a)] == a and len(b) > len(a) for a, b in zip(prefixes, prefixes[1:]))
+        assert prefixes[-1] == out.tokens[r]
+        assert MASK not in prefixes[0]  # only committed tokens are reported

@@ -212,7 +212,6 @@ def test_chat_stream_order_matches_plain(client):
     kinds = ["progress" if "progress" in c else "finish" if c["choices"][0]["finish_reason"] else
              "content" if c["choices"][0]["delta"].get("content") else "other" for c in chunks[1:]]
     assert kinds[-1] == "finish" and kinds.count("finish") == 1
-    assert kinds.index("content") > max(i for i, k in enumerate(kinds) if k == "progress")
     done = [c["progress"]["done"] for c in chunks if "progress" in c]
     assert done == sorted(done) and done[-1] >= 1
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
@@ -511,3 +510,32 @@ def test_serve_command_defaults_and_tiny(monkeypatch):
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         wait_for(lambda: c.get("/ready").status_code == 200, timeout=120)
         assert c.get("/v1/models").json()["data"][0]["id"] == "llada2uni-tiny"
+
+
+class _Letters:
+    """A mock backbone that writes the byte token of "a" everywhere: readable text, many blocks."""
+
+    def __init__(self, pipe):
+        self.vocab, self.token = pipe.config.vocab_size, pipe.tokens.encode("a")[0]
+        self.block_length = 32
+
+    def __call__(self, ids, start, pad_lens, cache, num_logits):
+        import torch
+        out = torch.zeros(ids.shape[0], num_logits, self.vocab)
+        out[..., self.token] = 30.0
+        return out
+
+
+def test_chat_stream_is_live(pipe, client, monkeypatch):
+    # committed text streams block by block, before the generation ends
+    monkeypatch.setattr(pipe, "logits_fn", _Letters(pipe))
+    body = chat_body(max_tokens=100)
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks = events(r)[:-1]
+    kinds = ["progress" if "progress" in c else "finish" if c["choices"][0]["finish_reason"] else
+             "content" if c["choices"][0]["delta"].get("content") else "other" for c in chunks[1:]]
+    last_progress = max(i for i, k in enumerate(kinds) if k == "progress")
+    assert kinds.index("content") < last_progress, kinds  # content arrived while blocks were running
+    assert kinds.count("content") >= 3
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == "a" * 100

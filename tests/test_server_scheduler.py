@@ -52,7 +52,11 @@ def test_progress_events_follow_each_requests_blocks(pipe):
         req = job.outputs[0][0][0]
         plen = len(req.rows[0])
         blocks = -(-(plen + req.gen_length) // 32) - plen // 32
-        assert done == sorted(done) and set(e["total"] for e in events) == {blocks}
+        assert done == sorted(done) and set(e["total"] for e in events if e["stage"] == "tokens") == {blocks}
+        # streaming text: the committed ids after each block, each a prefix of the next and of the answer
+        texts = [e["ids"] for e in events if e["stage"] == "text"]
+        assert texts and all(b[:len(a)] == a for a, b in zip(texts, texts[1:]))
+        assert texts[-1] == job.outputs[0][1][0]
     finally:
         s.stop()
 

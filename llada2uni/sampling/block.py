@@ -114,6 +114,13 @@ def _reuse_view(cache: Any, sprint: Sprint, x: LongTensor, conf_rows: torch.Tens
     return start, stats
 
 
+def _committed(row: torch.Tensor, plen: int, req: DenoiseRequest, upto: int) -> list[int]:
+    """Generated ids of a request up to physical position ``upto`` (all final), cut after a stop id."""
+    out = row[plen: max(plen, min(upto, plen + req.gen_length))].tolist()
+    cut = next((i for i, t in enumerate(out) if t in req.stop_ids), None)
+    return out if cut is None else out[: cut + 1]
+
+
 def generate(
     logits_fn: LogitsFn,
     requests: list[DenoiseRequest],
@@ -125,6 +132,7 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     sprint: Sprint | None = None,
     image_offset: int | None = None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
 ) -> DenoiseOutput:
     """Fill each request's generation canvas by block diffusion; all requests share every forward.
 
@@ -256,6 +264,10 @@ def generate(
                 if hit.any():
                     stopped[r] = True
                     todo[r] = False
+        if on_tokens is not None:  # streaming: what each request has committed so far, in order
+            for r, req in enumerate(requests):
+                if touched[r]:
+                    on_tokens(r, _committed(x[first[r]], plen[r], req, hi))
         if progress is not None:
             progress(b - first_block + 1, num_blocks)
         if not todo.any():

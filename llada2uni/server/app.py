@@ -308,7 +308,9 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
                         continue
                     if kind == "done":
                         break
-                    yield _sse_line(progress(event))
+                    chunk = progress(event)
+                    if chunk is not None:  # None: an event with nothing new to send
+                        yield _sse_line(chunk)
                 try:
                     result = job.future.result()
                 except Exception as e:  # noqa: BLE001 - the status is sent already: the error is an event
@@ -376,6 +378,8 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
 
     def image_sse(job, events, kind: str, fmt: str) -> StreamingResponse:
         def progress(ev):
+            if ev.get("stage") == "text":  # a thinking trace's committed ids: not part of image streams
+                return None
             return {"type": f"{kind}.progress", **ev}
 
         def finish(results):
@@ -506,10 +510,28 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
                        threshold=body.threshold, temperature=body.temperature, seed=body.seed)
         job, events = admit(task, stream=body.stream)
         if body.stream:
+            sent = [""]  # text already streamed: committed blocks, decoded as they finish
+
+            def progress(ev):
+                if ev.get("stage") != "text":
+                    return _chunk(head, {}, progress=ev)
+                # a block can end inside a multi-byte character: hold the partial character back
+                now = state.pipe.tokens.decode(ev["ids"]).rstrip("\ufffd")
+                if len(now) <= len(sent[0]) or not now.startswith(sent[0]):
+                    return None
+                delta, sent[0] = now[len(sent[0]):], now
+                return _chunk(head, {"content": delta})
+
             def finish(result):
-                return ([_chunk(head, {"content": c}) for c in result["chunks"]] +
+                text = result["text"]
+                if text.startswith(sent[0]):
+                    rest = [text[len(sent[0]):]] if len(text) > len(sent[0]) else []
+                else:  # cannot happen with a prefix-stable decode; never drop text
+                    log.warning("streamed text diverged from the answer; sending the answer's tail")
+                    rest = [text[len(sent[0]):]]
+                return ([_chunk(head, {"content": c}) for c in rest] +
                         [_chunk(head, {}, result["finish_reason"], usage=result["usage"])])
-            return sse(job, events, lambda ev: _chunk(head, {}, progress=ev), finish,
+            return sse(job, events, progress, finish,
                        first=[_chunk(head, {"role": "assistant", "content": ""})])
         result = await result_of(request, job)
         return {**head, "object": "chat.completion",
@@ -557,7 +579,7 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
             url = "data:image/png;base64," + base64.b64encode(r["png"]).decode()
             return {"content": r.get("thinking", ""), "images": [{"type": "image_url", "image_url": {"url": url}}]}
         if body.stream:
-            return sse(job, events, lambda ev: _chunk(head, {}, progress=ev),
+            return sse(job, events, lambda ev: None if ev.get("stage") == "text" else _chunk(head, {}, progress=ev),
                        lambda results: [_chunk(head, message(results)), _chunk(head, {}, "stop")],
                        first=[_chunk(head, {"role": "assistant", "content": ""})])
         results = await result_of(request, job)

@@ -325,7 +325,8 @@ class Scheduler:
     def _pipeline_denoise(self, requests: list[DenoiseRequest], block_length: int, sprint: Any,
                           on_block: Callable[[int, int], None]) -> list[list[int]]:
         """One batch through the pipeline's own ``_run`` (the sampler call with its fast paths)."""
-        return self.pipe._run(requests, block_length, "batch", sprint, on_block=on_block)
+        return self.pipe._run(requests, block_length, "batch", sprint, on_block=on_block,
+                              on_tokens=getattr(on_block, "tokens", None))
 
     def _run_batch(self, items: list[_Work]) -> None:
         live = []
@@ -399,6 +400,17 @@ class _BlockProgress:
             self.spans.append(spans[at:at + n])
             at += n
         self.sent = [-1] * len(items)
+        # request index -> (item, text request?) for the committed-token events of streaming text
+        self.owner = []
+        for i, item in enumerate(items):
+            self.owner += [(i, bool(r.stop_ids)) for r in item.payload[0]]
+
+    def tokens(self, request: int, ids: list[int]) -> None:
+        """Committed ids of a text request after a block: a ``text`` event its stream turns into content."""
+        i, is_text = self.owner[request]
+        item = self.items[i]
+        if is_text and not item.job.cancelled:
+            item.job.emit({"stage": "text", "phase": len(item.job.outputs), "ids": ids})
 
     def __call__(self, done: int, total: int) -> None:
         finished = self.first_block + done  # absolute blocks [0, finished) are final
