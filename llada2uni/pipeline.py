@@ -158,9 +158,11 @@ class LLaDA2Uni:
 
     def _run(self, requests: list[DenoiseRequest], block_length: int, desc: str,
              sprint: Sprint | None = None, on_block: Callable[[int, int], None] | None = None,
-             on_tokens: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+             on_tokens: Callable[[int, list[int]], None] | None = None,
+             on_finish: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
         # on_block(done, total): the sampler's per-block callback (the server's progress and abort);
-        # on_tokens(request, ids): each request's committed ids after every block (streaming)
+        # on_tokens(request, ids): each request's committed ids after every block (streaming);
+        # on_finish(request, ids): a request's result at the block boundary where it completes
         if block_length < 1:
             raise ValueError(f"block_length must be >= 1, got {block_length}")
         bar = None
@@ -183,7 +185,8 @@ class LLaDA2Uni:
         out = generate(logits_fn, requests, mask_id=self.tokens.ids.mask, block_length=block_length,
                        use_cache=self.use_cache, device=self.device,
                        progress=on_block or (progress if bar is not None else None),
-                       sprint=sprint, image_offset=self.tokens.ids.image_offset, on_tokens=on_tokens)
+                       sprint=sprint, image_offset=self.tokens.ids.image_offset, on_tokens=on_tokens,
+                       on_finish=on_finish)
         if bar is not None:
             bar.close()
         self.last_stats = {"forwards": out.forwards, "steps_per_block": out.steps_per_block,

@@ -349,3 +349,13 @@ def test_on_tokens_reports_committed_prefixes_after_each_block():
         assert all(b[:len(a)] == a and len(b) > len(a) for a, b in zip(prefixes, prefixes[1:]))
         assert prefixes[-1] == out.tokens[r]
         assert MASK not in prefixes[0]  # only committed tokens are reported
+
+
+def test_on_finish_reports_each_request_when_its_canvas_completes():
+    order = []
+    reqs = [DenoiseRequest(rows=[[1, 2, 3]], pad_lens=[0], gen_length=40, steps=4),
+            DenoiseRequest(rows=[[4, 5, 6]], pad_lens=[0], gen_length=5, steps=4)]
+    out = generate(MockModel(), reqs, mask_id=MASK, block_length=B,
+                   on_finish=lambda r, ids: order.append((r, ids)))
+    assert [r for r, _ in order] == [1, 0]  # the short request leaves first
+    assert dict(order) == {0: out.tokens[0], 1: out.tokens[1]}

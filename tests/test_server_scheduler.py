@@ -141,3 +141,23 @@ def test_stop_cancels_waiting_jobs(pipe):
         job.future.result(10)
     with pytest.raises(Cancelled):
         s.submit(chat(pipe, "Hi"))
+
+
+def test_a_finished_request_leaves_before_the_batch_ends(pipe):
+    # A short answer and a long one in one batch: the short one is delivered at the block boundary
+    # where it completes, while the long one is still being denoised (its progress events go on).
+    s = Scheduler(pipe).start()
+    try:
+        s.pause()
+        long_events = []
+        short = s.submit(chat(pipe, "Hi", gen_length=8))
+        long = s.submit(chat(pipe, "Hello there", gen_length=300), on_event=long_events.append)
+        seen_when_short_done = []
+        short.future.add_done_callback(lambda f: seen_when_short_done.append(len(long_events)))
+        s.resume()
+        short.future.result(60)
+        long.future.result(60)
+        assert s.stats()["max_batch_seen"] == 2  # they did share the batch
+        assert len(long_events) > seen_when_short_done[0]  # the long one went on after the short left
+    finally:
+        s.stop()

@@ -114,6 +114,13 @@ def _reuse_view(cache: Any, sprint: Sprint, x: LongTensor, conf_rows: torch.Tens
     return start, stats
 
 
+def _output(row: torch.Tensor, plen: int, req: DenoiseRequest) -> list[int]:
+    """A request's result: its generated region, cut after the first stop id (inclusive)."""
+    out = row[plen: plen + req.gen_length].tolist()
+    cut = next((i for i, t in enumerate(out) if t in req.stop_ids), None)
+    return out if cut is None else out[: cut + 1]
+
+
 def _committed(row: torch.Tensor, plen: int, req: DenoiseRequest, upto: int) -> list[int]:
     """Generated ids of a request up to physical position ``upto`` (all final), cut after a stop id."""
     out = row[plen: max(plen, min(upto, plen + req.gen_length))].tolist()
@@ -133,6 +140,7 @@ def generate(
     sprint: Sprint | None = None,
     image_offset: int | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
+    on_finish: Callable[[int, list[int]], None] | None = None,
 ) -> DenoiseOutput:
     """Fill each request's generation canvas by block diffusion; all requests share every forward.
 
@@ -181,6 +189,7 @@ def generate(
     num_blocks = L // B - first_block
     forwards, steps_per_block = 0, []
     stopped = [False] * len(requests)
+    reported = [False] * len(requests)  # on_finish already called
 
     pruned: list[PruneStats] = []
     # SPRINT's reuse and pruning act on the cache; without a prunable one only the unmasking changes.
@@ -264,6 +273,11 @@ def generate(
                 if hit.any():
                     stopped[r] = True
                     todo[r] = False
+        if on_finish is not None:  # a request whose canvas is complete leaves at this block boundary
+            for r, req in enumerate(requests):
+                if not reported[r] and not todo[r].any():
+                    reported[r] = True
+                    on_finish(r, _output(x[first[r]], plen[r], req))
         if on_tokens is not None:  # streaming: what each request has committed so far, in order
             for r, req in enumerate(requests):
                 if touched[r]:
@@ -273,9 +287,5 @@ def generate(
         if not todo.any():
             break
 
-    tokens = []
-    for r, req in enumerate(requests):
-        out = x[first[r], plen[r] : plen[r] + req.gen_length].tolist()
-        cut = next((i for i, t in enumerate(out) if t in req.stop_ids), None)
-        tokens.append(out if cut is None else out[: cut + 1])
+    tokens = [_output(x[first[r]], plen[r], req) for r, req in enumerate(requests)]
     return DenoiseOutput(tokens, forwards, first_block, steps_per_block, stopped, pruned)

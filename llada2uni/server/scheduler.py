@@ -326,11 +326,14 @@ class Scheduler:
                           on_block: Callable[[int, int], None]) -> list[list[int]]:
         """One batch through the pipeline's own ``_run`` (the sampler call with its fast paths)."""
         return self.pipe._run(requests, block_length, "batch", sprint, on_block=on_block,
-                              on_tokens=getattr(on_block, "tokens", None))
+                              on_tokens=getattr(on_block, "tokens", None),
+                              on_finish=getattr(on_block, "finished", None))
 
     def _run_batch(self, items: list[_Work]) -> None:
         live = []
         for item in items:
+            if item.future.done():  # delivered early by an earlier attempt of this batch
+                continue
             if item.job.cancelled:
                 item.future.set_exception(item.job.error())
             else:
@@ -345,7 +348,8 @@ class Scheduler:
         except _BatchAborted:
             self.counters["aborted_batches"] += 1
             for item in live:
-                item.future.set_exception(item.job.error())
+                if not item.future.done():
+                    item.future.set_exception(item.job.error())
             return
         except Exception as e:
             if len(live) > 1:
@@ -356,7 +360,8 @@ class Scheduler:
                     self._run_batch([item])
             else:
                 log.exception("denoising failed for job %d", live[0].job.id)
-                live[0].future.set_exception(e)
+                if not live[0].future.done():
+                    live[0].future.set_exception(e)
             return
         self.counters["batches"] += 1
         self.counters["batched_requests"] += len(requests)
@@ -366,7 +371,8 @@ class Scheduler:
         start = 0
         for item in live:
             n = len(item.payload[0])
-            item.future.set_result(tokens[start:start + n])
+            if not item.future.done():  # not already delivered at the block where it finished
+                item.future.set_result(tokens[start:start + n])
             start += n
 
     def stats(self) -> dict:
@@ -401,9 +407,23 @@ class _BlockProgress:
             at += n
         self.sent = [-1] * len(items)
         # request index -> (item, text request?) for the committed-token events of streaming text
-        self.owner = []
+        self.owner, self.offsets, self.results = [], [], []
         for i, item in enumerate(items):
+            self.offsets.append(len(self.owner))
+            self.results.append([None] * len(item.payload[0]))
             self.owner += [(i, bool(r.stop_ids)) for r in item.payload[0]]
+
+    def finished(self, request: int, ids: list[int]) -> None:
+        """A request's result at the block boundary where it completed: a job whose requests are all
+        complete leaves the batch now (its result is delivered) instead of waiting for the others."""
+        i, _ = self.owner[request]
+        item = self.items[i]
+        self.results[i][request - self.offsets[i]] = ids
+        complete = [all(r is not None for r in res) for res in self.results]
+        # Only a job that finishes while others still run leaves early; the batch's last one is
+        # delivered when the batch ends, with its counters.
+        if complete[i] and not all(complete) and not item.future.done() and not item.job.cancelled:
+            item.future.set_result(list(self.results[i]))
 
     def tokens(self, request: int, ids: list[int]) -> None:
         """Committed ids of a text request after a block: a ``text`` event its stream turns into content."""
