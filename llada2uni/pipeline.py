@@ -41,6 +41,10 @@ class BackboneLogits:
     def new_cache(self, rows: int, max_len: int):
         return self.model.new_cache(rows, max_len)
 
+    @staticmethod
+    def extend_cache(cache, extra):
+        return cache.extend(extra)
+
     @torch.inference_mode()
     def __call__(self, ids: Tensor, start: int, pad_lens: Tensor, cache, num_logits: int) -> Tensor:
         end = start + ids.shape[1]
@@ -159,10 +163,12 @@ class LLaDA2Uni:
     def _run(self, requests: list[DenoiseRequest], block_length: int, desc: str,
              sprint: Sprint | None = None, on_block: Callable[[int, int], None] | None = None,
              on_tokens: Callable[[int, list[int]], None] | None = None,
-             on_finish: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+             on_finish: Callable[[int, list[int]], None] | None = None,
+             admit: Callable[[int, int], list] | None = None) -> list[list[int]]:
         # on_block(done, total): the sampler's per-block callback (the server's progress and abort);
         # on_tokens(request, ids): each request's committed ids after every block (streaming);
-        # on_finish(request, ids): a request's result at the block boundary where it completes
+        # on_finish(request, ids): a request's result at the block boundary where it completes;
+        # admit(block, canvas_length): requests joining the running batch at that block boundary
         if block_length < 1:
             raise ValueError(f"block_length must be >= 1, got {block_length}")
         bar = None
@@ -186,7 +192,7 @@ class LLaDA2Uni:
                        use_cache=self.use_cache, device=self.device,
                        progress=on_block or (progress if bar is not None else None),
                        sprint=sprint, image_offset=self.tokens.ids.image_offset, on_tokens=on_tokens,
-                       on_finish=on_finish)
+                       on_finish=on_finish, admit=admit)
         if bar is not None:
             bar.close()
         self.last_stats = {"forwards": out.forwards, "steps_per_block": out.steps_per_block,

@@ -171,6 +171,14 @@ class FastBackboneLogits:
         self._cache = self.model.new_cache(rows, max_len)
         return self._cache
 
+    def new_rows(self, rows: int, max_len: int) -> KVCache:
+        """An unpooled cache for rows joining a running batch (``new_cache`` may hand out its pool)."""
+        return self.model.new_cache(rows, -(-max_len // self.CACHE_QUANTUM) * self.CACHE_QUANTUM)
+
+    @staticmethod
+    def extend_cache(cache: KVCache, extra: KVCache) -> KVCache:
+        return cache.extend(extra)
+
     def _inputs(self, ids: Tensor, start: int, pad_lens: Tensor, cache: KVCache):
         end = start + ids.shape[1]
         positions = rope_positions(start, end, pad_lens)

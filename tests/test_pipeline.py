@@ -140,3 +140,24 @@ def test_block_length_reaches_the_attention_mask(pipe):
                              temperature=0.0, seed=None, stop_ids=frozenset())
     pipe.logits_fn.block_length = 32
     assert got == expected
+
+
+def test_joining_a_running_batch_is_exact_on_the_backbone(pipe):
+    # Whole-block left padding + a prefill of the newcomer's rows: same tokens as decoding it alone.
+    mask = pipe.tokens.ids.mask
+    first = DenoiseRequest(rows=[pipe.tokens.understand_prompt([(_image(pipe, 2, 2), 2, 2)], "Hi")],
+                           pad_lens=[0], gen_length=120, steps=4)
+    cond, uncond = pipe.tokens.t2i_prompts("a red cube", 2, 3)
+    rows, pads = align_left([cond, uncond], mask)
+    lo, hi = pipe.image_token_offset, pipe.config.vocab_size
+    late = DenoiseRequest(rows=rows, pad_lens=pads, gen_length=6, steps=3, vocab=(lo, hi),
+                          guidance=Guidance(kind="simple", scale=3.0))
+    calls = []
+
+    def admit(block, length):
+        calls.append(block)
+        return [late] if len(calls) == 3 else []
+    out = generate(pipe.logits_fn, [first], mask_id=mask, admit=admit)
+    assert len(out.tokens) == 2
+    alone = [generate(pipe.logits_fn, [r], mask_id=mask).tokens[0] for r in (first, late)]
+    assert out.tokens == alone

@@ -359,3 +359,29 @@ def test_on_finish_reports_each_request_when_its_canvas_completes():
                    on_finish=lambda r, ids: order.append((r, ids)))
     assert [r for r, _ in order] == [1, 0]  # the short request leaves first
     assert dict(order) == {0: out.tokens[0], 1: out.tokens[1]}
+
+
+class _ExtendableMock(MockModel):
+    @staticmethod
+    def extend_cache(cache, extra):
+        return torch.cat([cache, extra[:, : cache.shape[1]]])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_requests_joining_at_a_block_boundary_decode_as_alone(use_cache):
+    base = DenoiseRequest(rows=[[1, 2, 3]], pad_lens=[0], gen_length=60, steps=4)
+    late = [DenoiseRequest(rows=[[4, 5, 6, 7, 8]], pad_lens=[0], gen_length=12, steps=2),
+            DenoiseRequest(rows=[[9, 10], [MASK, 11]], pad_lens=[0, 1], gen_length=9, steps=3,
+                           guidance=Guidance("simple", scale=2.0))]
+    joined_at = []
+
+    def admit(block, length):
+        if block == 3 and not joined_at:
+            joined_at.append(block)
+            return late
+        return []
+    model = _ExtendableMock()
+    out = generate(model, [base], mask_id=MASK, block_length=B, use_cache=use_cache, admit=admit)
+    assert joined_at == [3] and len(out.tokens) == 3
+    alone = [generate(_ExtendableMock(), [r], mask_id=MASK, block_length=B).tokens[0] for r in [base, *late]]
+    assert out.tokens == alone

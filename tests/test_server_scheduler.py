@@ -161,3 +161,23 @@ def test_a_finished_request_leaves_before_the_batch_ends(pipe):
         assert len(long_events) > seen_when_short_done[0]  # the long one went on after the short left
     finally:
         s.stop()
+
+
+def test_a_request_joins_a_running_batch_at_a_block_boundary(pipe):
+    expected = pipe.chat("Why?", gen_length=40, steps=4)
+    s = Scheduler(pipe).start()
+    try:
+        late = []
+
+        def on_event(event):
+            # the long job is running: submit another and let it reach the queue before the next block
+            if event["stage"] == "tokens" and not late:
+                late.append(s.submit(chat(pipe, "Why?")))
+                wait_for(lambda: s.stats()["waiting_work"] >= 1)
+        long = s.submit(chat(pipe, "Hello there", gen_length=400), on_event=on_event)
+        long.future.result(60)
+        assert late and late[0].future.result(60) == expected
+        stats = s.stats()
+        assert stats["joined"] == 1 and stats["batches"] == 1 and stats["max_batch_seen"] == 2
+    finally:
+        s.stop()

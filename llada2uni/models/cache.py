@@ -58,6 +58,23 @@ class KVCache:
     def rows(self) -> int:
         return self.k.shape[1]
 
+    def extend(self, other: "KVCache") -> "KVCache":
+        """A cache holding this one's rows followed by ``other``'s (rows joining a running batch).
+
+        The shorter of the two is padded to the longer's max_len; the padding is never attended to.
+        """
+        if self.view is not None or self.probe is not None or other.view is not None:
+            raise ValueError("cannot add rows to a cache with a SPRINT view or probe")
+        max_len = max(self.max_len, other.max_len)
+
+        def pad(t: Tensor) -> Tensor:
+            return torch.nn.functional.pad(t, (0, 0, 0, max_len - t.shape[3]))
+        out = KVCache.__new__(KVCache)
+        out.k = torch.cat([pad(self.k), pad(other.k)], dim=1)
+        out.v = torch.cat([pad(self.v), pad(other.v)], dim=1)
+        out.length, out.max_len, out.probe, out.view = self.length, max_len, None, None
+        return out
+
     def update(self, layer: int, start: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v [R, Hkv, T, D] at [start, start+T); return the keys/values the window attends to:
         [0, start+T), or with a view the kept prefix followed by the window."""

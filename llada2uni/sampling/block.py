@@ -114,6 +114,17 @@ def _reuse_view(cache: Any, sprint: Sprint, x: LongTensor, conf_rows: torch.Tens
     return start, stats
 
 
+def admission_shift(req: DenoiseRequest, block: int, block_length: int) -> int:
+    """Left pads (whole blocks) that make a request joining at ``block`` start its canvas there or later."""
+    return max(0, block - len(req.rows[0]) // block_length) * block_length
+
+
+def admission_end(req: DenoiseRequest, block: int, block_length: int) -> int:
+    """Canvas end of a request joining at ``block``: it may join only if this fits the running canvas."""
+    lp = admission_shift(req, block, block_length) + len(req.rows[0])
+    return _ceil_to(lp + req.gen_length, block_length)
+
+
 def _output(row: torch.Tensor, plen: int, req: DenoiseRequest) -> list[int]:
     """A request's result: its generated region, cut after the first stop id (inclusive)."""
     out = row[plen: plen + req.gen_length].tolist()
@@ -141,6 +152,7 @@ def generate(
     image_offset: int | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
     on_finish: Callable[[int, list[int]], None] | None = None,
+    admit: Callable[[int, int], list[DenoiseRequest]] | None = None,
 ) -> DenoiseOutput:
     """Fill each request's generation canvas by block diffusion; all requests share every forward.
 
@@ -151,6 +163,7 @@ def generate(
     ratios (None: all text). Editing guidance falls back to the baseline loop (spec 6.1).
     """
     B = block_length
+    requests = list(requests)  # admitted requests are appended (their results follow, in that order)
     for req in requests:
         _check(req)
     if sprint is not None and not sprint.use:
@@ -202,8 +215,50 @@ def generate(
         # Confidence of each committed token at commit time; prompt tokens count as certain (INFERRED).
         conf_at = torch.ones(len(requests), L, device=device)  # [N, L]
 
+    can_admit = admit is not None and sprint is None and (cache is None or hasattr(logits_fn, "extend_cache"))
     for b in range(first_block, L // B):
         lo, hi = b * B, (b + 1) * B
+        new = admit(b, L) if can_admit else []
+        if new:
+            # Requests join at this block boundary. Whole blocks of left pads put each newcomer's
+            # first masked block at b or later; whole-block padding keeps every token's block and
+            # RoPE position, so it decodes exactly as it would alone. Its rows' KV of the finished
+            # prefix [0, valid) comes from one prefill forward of the newcomers alone.
+            rows_new, pads_new, todo_new = [], [], []
+            for req in new:
+                _check(req)
+                shift = admission_shift(req, b, B)
+                end = admission_end(req, b, B)
+                if end > L:
+                    raise ValueError(f"an admitted request ends at {end}, past the canvas ({L})")
+                lp = shift + len(req.rows[0])
+                first.append(n + len(rows_new))
+                plen.append(lp)
+                ends.append(end)
+                scheds.append(tokens_per_step(B, req.steps))
+                stop_sets.append(torch.tensor(sorted(req.stop_ids), dtype=torch.long, device=device))
+                stopped.append(False)
+                reported.append(False)
+                requests.append(req)
+                for row, pad in zip(req.rows, req.pad_lens):
+                    rows_new.append([mask_id] * shift + list(row) + [mask_id] * (L - lp))
+                    pads_new.append(pad + shift)
+                t = torch.zeros(L, dtype=torch.bool, device=device)
+                t[lp:end] = True
+                todo_new.append(t)
+            x_new = torch.tensor(rows_new, dtype=torch.long, device=device)
+            pads_t = torch.tensor(pads_new, dtype=torch.long, device=device)
+            if cache is not None:
+                # new_rows: an unshared cache (a logits_fn may pool what new_cache returns)
+                extra = getattr(logits_fn, "new_rows", logits_fn.new_cache)(len(rows_new), L)
+                if valid > 0:
+                    logits_fn(x_new[:, :valid], 0, pads_t, extra, B)
+                    forwards += 1
+                cache = logits_fn.extend_cache(cache, extra)
+            x = torch.cat([x, x_new])
+            todo = torch.cat([todo, torch.stack(todo_new)])
+            pad_lens = torch.cat([pad_lens, pads_t])
+            n += len(rows_new)
         step = 0
         touched = [False] * len(requests)
         qs = lo  # logits cover [qs, hi): the block, or with SPRINT reuse its part still computed

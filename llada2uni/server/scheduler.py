@@ -30,7 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..sampling.block import DenoiseRequest
+from ..sampling.block import DenoiseRequest, admission_end, admission_shift
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class Scheduler:
         self._denoise = self._pipeline_denoise  # one batch (tests wrap it to inject faults)
         self.counters = dict(admitted=0, completed=0, failed=0, cancelled=0, timed_out=0, rejected=0,
                              batches=0, batched_requests=0, max_batch_seen=0, aborted_batches=0,
-                             isolated_retries=0, forwards=0, calls=0)
+                             isolated_retries=0, forwards=0, calls=0, joined=0)
 
     # ---- lifecycle ----
 
@@ -327,7 +327,8 @@ class Scheduler:
         """One batch through the pipeline's own ``_run`` (the sampler call with its fast paths)."""
         return self.pipe._run(requests, block_length, "batch", sprint, on_block=on_block,
                               on_tokens=getattr(on_block, "tokens", None),
-                              on_finish=getattr(on_block, "finished", None))
+                              on_finish=getattr(on_block, "finished", None),
+                              admit=getattr(on_block, "admit", None))
 
     def _run_batch(self, items: list[_Work]) -> None:
         live = []
@@ -343,6 +344,31 @@ class Scheduler:
         requests = [r for item in live for r in item.payload[0]]
         block_length, sprint = live[0].payload[1]
         progress = _BlockProgress(live, requests, block_length)
+
+        def admit(block: int, length: int) -> list[DenoiseRequest]:
+            """Waiting denoising jobs join the running batch at this block boundary when they fit."""
+            taken = []
+            with self._cond:
+                size = sum(item.size for item in live)
+                for item in list(self._queue):
+                    if item.kind != "denoise" or item.payload[1] != (block_length, sprint) or item.job.cancelled:
+                        continue
+                    if size + item.size > self.config.max_batch:
+                        break
+                    if any(admission_end(r, block, block_length) > length for r in item.payload[0]):
+                        continue  # its canvas would run past this batch's: next batch
+                    self._queue.remove(item)
+                    taken.append(item)
+                    size += item.size
+                self._running += len(taken)
+            for item in taken:
+                live.append(item)
+                requests.extend(item.payload[0])
+                progress.add(item, block)
+            self.counters["joined"] += len(taken)
+            return [r for item in taken for r in item.payload[0]]
+        if sprint is None:  # SPRINT's per-row pruning state is set up once per batch
+            progress.admit = admit
         try:
             tokens = self._denoise(requests, block_length, sprint, progress)
         except _BatchAborted:
@@ -394,7 +420,9 @@ class _BlockProgress:
     """
 
     def __init__(self, items: list[_Work], requests: list[DenoiseRequest], block_length: int) -> None:
-        self.items = items
+        self.items = list(items)
+        self.block_length = block_length
+        self.admit = None  # set by the scheduler: jobs joining at block boundaries
         spans = []
         for req in requests:
             plen = len(req.rows[0])
@@ -412,6 +440,20 @@ class _BlockProgress:
             self.offsets.append(len(self.owner))
             self.results.append([None] * len(item.payload[0]))
             self.owner += [(i, bool(r.stop_ids)) for r in item.payload[0]]
+
+    def add(self, item: _Work, block: int) -> None:
+        """A job joining at ``block``: its canvas is shifted by whole blocks to start there or later."""
+        i = len(self.items)
+        self.items.append(item)
+        self.sent.append(-1)
+        self.offsets.append(len(self.owner))
+        self.results.append([None] * len(item.payload[0]))
+        self.owner += [(i, bool(r.stop_ids)) for r in item.payload[0]]
+        spans = []
+        for req in item.payload[0]:
+            lp = admission_shift(req, block, self.block_length) + len(req.rows[0])
+            spans.append((lp // self.block_length, -(-(lp + req.gen_length) // self.block_length)))
+        self.spans.append(spans)
 
     def finished(self, request: int, ids: list[int]) -> None:
         """A request's result at the block boundary where it completed: a job whose requests are all
