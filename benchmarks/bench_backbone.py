@@ -60,7 +60,6 @@ def copy_bandwidth(device) -> float:
     x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     ms = timer(lambda: y.copy_(x), device, warmup=2, reps=10)
-    del x, y
     return 2 * 2 * 1024**3 / (ms / 1e3) / 1e9
 
 

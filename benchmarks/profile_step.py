@@ -40,7 +40,6 @@ def main():
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
     print(table)
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
     total = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 5 / 1e3
     print(f"GPU busy time per step: {total:.2f} ms")
 

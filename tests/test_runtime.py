@@ -6,7 +6,6 @@ import torch
 from llada2uni.ops.attention import block_causal_mask, rope_positions
 from llada2uni.pipeline import BackboneLogits, LLaDA2Uni
 from llada2uni.runtime import FastBackboneLogits, accelerate
-from llada2uni.sampling.block import DenoiseRequest, generate
 
 
 def _window_logits(fn, ids, pads, spans):

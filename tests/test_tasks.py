@@ -9,7 +9,7 @@ import torch
 
 from llada2uni.pipeline import LLaDA2Uni
 from llada2uni.sampling import block as block_mod
-from llada2uni.tiny import TINY_IMAGE_OFFSET, TINY_RESERVED_BASE, TINY_SPECIALS
+from llada2uni.tiny import TINY_IMAGE_OFFSET
 
 
 @pytest.fixture(scope="module")
