@@ -68,7 +68,8 @@ def _load_image_token_file(path: str):
 
 
 def _sources(pipe, args) -> tuple[list, list, list]:
-    """--image (repeatable) or --image_token -> (items, hs, ws) for the pipeline."""
+    """--image (repeatable) or --image_token -> lists (items, hs, ws) for the pipeline (a list of one
+    image is one image)."""
     if args.image_token:
         codes, h, w = _load_image_token_file(args.image_token)
         return [[c + pipe.image_token_offset for c in codes]], [h], [w]
@@ -143,8 +144,7 @@ def cmd_t2i(args) -> int:
 def cmd_understand(args) -> int:
     pipe = _load(args)
     items, hs, ws = _sources(pipe, args)
-    answer = pipe.understand_image(items if len(items) > 1 else items[0], hs if len(items) > 1 else hs[0],
-                                   ws if len(items) > 1 else ws[0], question=args.question, steps=args.steps,
+    answer = pipe.understand_image(items, hs, ws, question=args.question, steps=args.steps,
                                    gen_length=args.gen_length, block_length=args.block_length,
                                    threshold=args.threshold, seed=args.seed, **_sprint_kwargs(args))
     print(answer)
@@ -154,8 +154,7 @@ def cmd_understand(args) -> int:
 def cmd_edit(args) -> int:
     pipe = _load(args)
     items, hs, ws = _sources(pipe, args)
-    r = pipe.edit_image(items if len(items) > 1 else items[0], hs if len(items) > 1 else hs[0],
-                        ws if len(items) > 1 else ws[0], instruction=args.instruction, steps=args.steps,
+    r = pipe.edit_image(items, hs, ws, instruction=args.instruction, steps=args.steps,
                         block_length=args.block_length, cfg_text_scale=args.cfg_text_scale,
                         cfg_image_scale=args.cfg_image_scale, seed=args.seed)
     image = pipe.decode_tokens(r["token_ids"], r["h"], r["w"], mode=args.decode_mode, steps=args.decoder_steps,

@@ -32,9 +32,22 @@ def read_json(path: str | Path, what: str = "config file") -> dict[str, Any]:
     return raw
 
 
-def _from_dict(cls, raw: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+def init_fields(cls) -> set[str]:
+    """Names a config dataclass takes from JSON (derived fields excluded)."""
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def from_known_keys(cls, raw: dict[str, Any]):
+    """``cls`` built from the keys of ``raw`` it knows; unknown keys are dropped."""
+    names = init_fields(cls)
     return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def require(checks: list[tuple[bool, str]], where: str = "") -> None:
+    """Raise a ConfigError with the first failed check's message, prefixed by ``where``."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{where}{message}")
 
 
 @dataclass
@@ -121,16 +134,14 @@ class BackboneConfig:
             (self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported"),
             (not self.tie_word_embeddings, "tied word embeddings are not supported by LLaDA2"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "BackboneConfig":
-        return _from_dict(cls, raw)
+        return from_known_keys(cls, raw)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "BackboneConfig":

@@ -18,7 +18,7 @@ import io
 import logging
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import ConfigError, read_json
+from .config import from_known_keys, read_json, require
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +107,17 @@ class PreprocessorConfig:
             (all(s > 0 for s in self.image_std), f"image_std must be positive, got {self.image_std}"),
             (self.rescale_factor > 0, f"rescale_factor must be positive, got {self.rescale_factor}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"preprocessor config: {message}")
+        require(checks, "preprocessor config: ")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "PreprocessorConfig":
-        names = {f.name for f in fields(cls)}
         if "image_mean" not in raw or "image_std" not in raw:
             log.warning("preprocessor config has no image_mean/image_std: using 0.5/0.5 (the "
                         "published value); the reference code would fall back to OpenAI-CLIP values")
         if raw.get("merge_size", 1) != 1:
             log.info("preprocessor merge_size=%s is ignored: tokens are row-major unless "
                      "block_order=True is asked for (spec image.md 3.4)", raw["merge_size"])
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        return from_known_keys(cls, raw)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "PreprocessorConfig":

@@ -11,8 +11,6 @@ eagerly. ``eager=True`` turns graphs off; the clear ``BackboneLogits`` remains t
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,7 +18,7 @@ from torch import Tensor
 from .models.backbone import LLaDA2MoeForLM, MoE, apply_partial_rope, rope_cos_sin
 from .models.cache import KVCache
 from .ops.attention import attend, block_causal_mask, rope_positions
-from .ops.moe import experts_grouped, experts_reference, grouped_supported
+from .ops.moe import experts_grouped, experts_reference, grouped_supported, route
 
 
 def use_grouped_moe(model: LLaDA2MoeForLM) -> bool:
@@ -35,63 +33,36 @@ def use_grouped_moe(model: LLaDA2MoeForLM) -> bool:
     return ok
 
 
-def static_step(model: LLaDA2MoeForLM, ids: Tensor, positions: Tensor, write_index: Tensor, mask: Tensor,
-                cache: KVCache, num_logits: int) -> Tensor:
-    """One cached forward with static shapes: the same maths as ``model.forward`` with a cache.
-
-    ids/positions [R, T]; write_index [T] physical positions of the window; mask [R, 1, T, S_max]
-    over the whole cache. Returns fp32 logits [R, num_logits, V].
-    """
-    cfg = model.config
-    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    r, t = ids.shape
-    h = model.model.word_embeddings(ids)
-    cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, h.dtype)
-    scale = 1.0 / math.sqrt(d)
-    for i, layer in enumerate(model.model.layers):
-        att = layer.attention
-        x = layer.input_layernorm(h)
-        q, k, v = att.query_key_value(x).view(r, t, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=2)
-        if cfg.use_qk_norm:
-            q, k = att.query_layernorm(q), att.key_layernorm(k)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        cache.k[i].index_copy_(2, write_index, k)
-        cache.v[i].index_copy_(2, write_index, v)
-        out = attend(q, cache.k[i], cache.v[i], mask, scale)
-        h = h + att.dense(out.transpose(1, 2).reshape(r, t, hq * d))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    h = model.model.norm(h[:, -num_logits:])
-    return F.linear(h, model.lm_head.weight).float()
-
-
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    # HF RMSNorm: normalise in fp32, round to the input dtype, then apply the weight
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _attention_part(h, cos, sin, kc, vc, write_index, mask, ln_w, qkv_w, qn_w, kn_w, dense_w, post_w,
-                    hq: int, hkv: int, d: int, eps: float):
+def _attention_part(h, cos, sin, kc, vc, write_index, mask, ln_w, qkv_w, qkv_b, qn_w, kn_w, dense_w,
+                    dense_b, post_w, hq: int, hkv: int, d: int, eps: float):
     """Norm, QKV, QK-norm, RoPE, cache write, attention, output projection, residual, post-norm.
 
     Weights come in as arguments so that one compiled graph serves every layer (same shapes).
+    The window's K/V go into the cache at their physical positions (``index_copy_`` on a device index,
+    so no Python int reaches the kernels) and attention reads the whole cache under ``mask``.
     """
     r, t, _ = h.shape
-    q, k, v = F.linear(_rms(h, ln_w, eps), qkv_w).view(r, t, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=2)
-    q, k = _rms(q, qn_w, eps), _rms(k, kn_w, eps)
+    q, k, v = F.linear(_rms(h, ln_w, eps), qkv_w, qkv_b).view(r, t, hq + 2 * hkv, d).split([hq, hkv, hkv], 2)
+    if qn_w is not None:  # use_qk_norm
+        q, k = _rms(q, qn_w, eps), _rms(k, kn_w, eps)
     q, k, v = (z.transpose(1, 2) for z in (q, k, v))
     q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
     kc.index_copy_(2, write_index, k)
     vc.index_copy_(2, write_index, v)
     out = attend(q, kc, vc, mask, d ** -0.5)
-    h = h + F.linear(out.transpose(1, 2).reshape(r, t, hq * d), dense_w)
+    h = h + F.linear(out.transpose(1, 2).reshape(r, t, hq * d), dense_w, dense_b)
     return h, _rms(h, post_w, eps)
 
 
-def _router_part(x, gate_w, bias, n_group: int, topk_group: int, top_k: int, scale: float):
-    from .ops.moe import route
+def _router_part(x, gate_w, bias, n_group: int, topk_group: int, top_k: int, scale: float, norm: bool):
     return route(F.linear(x.float(), gate_w), bias, n_group=n_group, topk_group=topk_group, top_k=top_k,
-                 routed_scaling_factor=scale)
+                 routed_scaling_factor=scale, norm_topk_prob=norm)
 
 
 def _combine_part(h, routed, x, sg, su, sd):
@@ -99,21 +70,25 @@ def _combine_part(h, routed, x, sg, su, sd):
     return h + (routed.to(h.dtype) + F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd))
 
 
-class CompiledStep:
-    """``static_step`` with the per-layer elementwise work fused by torch.compile.
+class StaticStep:
+    """One cached forward with static shapes: the same maths as ``model.forward`` with a cache.
 
-    Three small graphs (attention sub-layer, router, residual + shared expert) are compiled once and
-    reused by every MoE layer, since their weights are arguments; the grouped-GEMM expert dispatch and
-    layer 0's dense MLP stay eager. Numerics: the same operations; fused kernels may round fp32
-    intermediates differently, so logits agree to bf16 tolerance, not bit for bit.
+    ``step(ids, positions, write_index, mask, cache, num_logits)``: ids/positions [R, T]; write_index
+    [T] physical positions of the window; mask [R, 1, T, S_max] over the whole cache. Returns fp32
+    logits [R, num_logits, V].
+
+    With ``compile=True`` the three per-layer parts (attention sub-layer, router, residual + shared
+    expert) are torch.compile'd once and reused by every layer, since their weights are arguments; the
+    expert dispatch and layer 0's dense MLP stay eager. Fused kernels may round fp32 intermediates
+    differently, so compiled logits agree to bf16 tolerance, not bit for bit.
     """
 
-    def __init__(self, model: LLaDA2MoeForLM) -> None:
+    def __init__(self, model: LLaDA2MoeForLM, *, compile: bool = False) -> None:
         self.model = model
-        opts = dict(dynamic=False, fullgraph=True)
-        self.attention = torch.compile(_attention_part, **opts)
-        self.router = torch.compile(_router_part, **opts)
-        self.combine = torch.compile(_combine_part, **opts)
+        wrap = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
+        self.attention = wrap(_attention_part)
+        self.router = wrap(_router_part)
+        self.combine = wrap(_combine_part)
 
     def __call__(self, ids, positions, write_index, mask, cache, num_logits) -> Tensor:
         model, cfg = self.model, self.model.config
@@ -123,18 +98,20 @@ class CompiledStep:
         cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, h.dtype)
         for i, layer in enumerate(model.model.layers):
             att = layer.attention
+            qk_norm = cfg.use_qk_norm
             h, x = self.attention(h, cos, sin, cache.k[i], cache.v[i], write_index, mask,
                                   layer.input_layernorm.weight, att.query_key_value.weight,
-                                  att.query_layernorm.weight, att.key_layernorm.weight, att.dense.weight,
-                                  layer.post_attention_layernorm.weight, hq, hkv, d, eps)
+                                  att.query_key_value.bias, att.query_layernorm.weight if qk_norm else None,
+                                  att.key_layernorm.weight if qk_norm else None, att.dense.weight,
+                                  att.dense.bias, layer.post_attention_layernorm.weight, hq, hkv, d, eps)
             mlp = layer.mlp
             if not isinstance(mlp, MoE) or mlp.shared_experts is None:
                 h = h + mlp(x)
                 continue
             flat = x.reshape(-1, x.shape[-1])
             ids_, w = self.router(flat, mlp.gate.weight, mlp.gate.expert_bias, cfg.n_group, cfg.topk_group,
-                                  cfg.num_experts_per_tok, cfg.routed_scaling_factor)
-            routed = experts_grouped(flat, ids_, w, mlp.experts.w13, mlp.experts.w2).view(r, t, -1)
+                                  cfg.num_experts_per_tok, cfg.routed_scaling_factor, cfg.norm_topk_prob)
+            routed = mlp.dispatch(flat, ids_, w, mlp.experts.w13, mlp.experts.w2).view(r, t, -1)
             sh = mlp.shared_experts
             h = self.combine(h, routed, x, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
         h = model.model.norm(h[:, -num_logits:])
@@ -154,8 +131,7 @@ class FastBackboneLogits:
         # Graphs need the host-sync-free grouped MoE and a CUDA device.
         self.graphs = (not eager) and self.grouped and model.device.type == "cuda"
         self._graphs: dict = {}
-        self.step = CompiledStep(model) if (compile and self.grouped) else \
-            (lambda *a: static_step(model, *a))
+        self.step = StaticStep(model, compile=compile and self.grouped)
 
     CACHE_QUANTUM = 512
 
@@ -234,7 +210,7 @@ class FastBackboneLogits:
 def accelerate(pipe, *, eager: bool = False, compile_step: bool | None = None,
                compile_decoder: bool | None = None) -> bool:
     """Give a pipeline the fast path: grouped MoE, CUDA graphs unless ``eager``, and on CUDA (unless
-    switched off) torch.compile of the per-layer step (``CompiledStep``) and of the DiT blocks.
+    switched off) torch.compile of the per-layer step (``StaticStep``) and of the DiT blocks.
 
     Returns whether the grouped MoE is in use. ``pipe.logits_fn`` can be set back to a
     ``BackboneLogits`` to return to the clear path.

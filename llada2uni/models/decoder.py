@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, read_json
+from ..config import ConfigError, init_fields, read_json, require
 from ..sampling.flow import sample_normal, sample_turbo
 from ..sampling.schedules import normal_time_grid, turbo_time_grid
 from ..weights import CheckpointError, materialize, resolve_checkpoint, resolve_device, resolve_dtype
@@ -99,14 +99,12 @@ class DecoderConfig:
             (sum(self.axes_dims) == self.dim // self.n_heads,
              f"axes_dims {self.axes_dims} must sum to head_dim {self.dim // max(self.n_heads, 1)}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"decoder config: {message}")
+        require(checks, "decoder config: ")
         self.patch_size, self.f_patch_size = self.all_patch_size[0], self.all_f_patch_size[0]
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, cap_feat_dim: int) -> "DecoderConfig":
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        names = init_fields(cls)
         unknown = sorted(k for k in raw if k not in names and not k.startswith("_") and k != "siglip_feat_dim")
         if unknown:
             raise ConfigError(f"unknown decoder config key(s): {', '.join(unknown)}")

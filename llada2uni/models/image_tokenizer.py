@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, read_json
+from ..config import ConfigError, from_known_keys, read_json, require
 from ..preprocess import (
     DEFAULT_MAX_PIXELS,
     UNDERSTAND_FACTOR,
@@ -67,8 +67,7 @@ def _pick(raw: dict[str, Any], section: str, cls) -> Any:
     """The sub-dict ``section`` if present, else the top level (the reference's fallback)."""
     sub = raw.get(section)
     source = sub if isinstance(sub, dict) else raw
-    names = {f.name for f in fields(cls) if f.init}
-    return cls(**{k: v for k, v in source.items() if k in names})
+    return from_known_keys(cls, source)
 
 
 @dataclass
@@ -101,9 +100,7 @@ class VisionConfig:
             (self.spatial_merge_size == 1,
              f"spatial_merge_size {self.spatial_merge_size} is not supported (must be 1)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"image tokenizer vision_config: {message}")
+        require(checks, "image tokenizer vision_config: ")
 
 
 @dataclass

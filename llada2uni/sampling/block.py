@@ -172,29 +172,37 @@ def generate(
         log.warning("SPRINT does not support editing guidance (cfg_text_scale / cfg_image_scale); "
                     "running the baseline loop")
         sprint = None
-    # Request r owns the stacked rows [first[r], first[r] + len(rows)).
-    first, n = [], 0
-    for req in requests:
-        first.append(n)
-        n += len(req.rows)
-    plen = [len(req.rows[0]) for req in requests]
+    # Per request: rows [first[r], first[r] + len(rows)) of the stacked canvas and the prompt end.
     # The last block is denoised whole; positions past Lp + gen_length are dropped (spec 5.1).
-    ends = [_ceil_to(lp + req.gen_length, B) for lp, req in zip(plen, requests)]
-    L = max(ends)
+    first, plen, scheds, stop_sets = [], [], [], []
+    L = max(admission_end(req, 0, B) for req in requests)
+
+    def place(reqs: list[DenoiseRequest], block: int, n: int):
+        """Lay out ``reqs`` joining at ``block`` below ``n`` existing rows: their rows [k, L] (left pads
+        in whole blocks, prompt, then masks), pad lengths [k] and positions to fill [len(reqs), L]."""
+        k = sum(len(req.rows) for req in reqs)
+        rows = torch.full((k, L), mask_id, dtype=torch.long, device=device)
+        # todo[r, p]: position p of request r still to fill. Not "ids == mask": pads of a left-padded
+        # CFG row are mask ids too, and must never be filled (spec 5.1).
+        todo = torch.zeros(len(reqs), L, dtype=torch.bool, device=device)
+        pads, at = [], 0
+        for j, req in enumerate(reqs):
+            shift = admission_shift(req, block, B)
+            lp, end = shift + len(req.rows[0]), admission_end(req, block, B)
+            rows[at : at + len(req.rows), shift:lp] = torch.tensor(req.rows, dtype=torch.long, device=device)
+            todo[j, lp:end] = True
+            pads += [p + shift for p in req.pad_lens]
+            first.append(n + at)
+            plen.append(lp)
+            scheds.append(tokens_per_step(B, req.steps))
+            stop_sets.append(torch.tensor(sorted(req.stop_ids), dtype=torch.long, device=device))
+            at += len(req.rows)
+        return rows, torch.tensor(pads, dtype=torch.long, device=device), todo
 
     # Requests of different prompt lengths need no padding between them: a shorter one keeps inert
     # trailing masks it never commits, and block-causal attention stops them reaching earlier blocks.
-    x = torch.full((n, L), mask_id, dtype=torch.long, device=device)  # [R, L]
-    # todo[r, p]: position p of request r still to fill. Not "ids == mask": pads of a left-padded
-    # CFG row are mask ids too, and must never be filled (spec 5.1).
-    todo = torch.zeros(len(requests), L, dtype=torch.bool, device=device)  # [N, L]
-    for r, req in enumerate(requests):
-        prompt = torch.tensor(req.rows, dtype=torch.long, device=device)  # [rows, Lp]
-        x[first[r] : first[r] + len(req.rows), : plen[r]] = prompt
-        todo[r, plen[r] : ends[r]] = True
-    pad_lens = torch.tensor([p for req in requests for p in req.pad_lens], dtype=torch.long, device=device)
-    scheds = [tokens_per_step(B, req.steps) for req in requests]
-    stop_sets = [torch.tensor(sorted(req.stop_ids), dtype=torch.long, device=device) for req in requests]
+    x, pad_lens, todo = place(requests, 0, 0)  # [R, L], [R], [N, L]
+    n = x.shape[0]
 
     cache = logits_fn.new_cache(n, L) if use_cache and hasattr(logits_fn, "new_cache") else None
     valid = 0  # cached KV of [0, valid) is final
@@ -224,41 +232,26 @@ def generate(
             # first masked block at b or later; whole-block padding keeps every token's block and
             # RoPE position, so it decodes exactly as it would alone. Its rows' KV of the finished
             # prefix [0, valid) comes from one prefill forward of the newcomers alone.
-            rows_new, pads_new, todo_new = [], [], []
             for req in new:
                 _check(req)
-                shift = admission_shift(req, b, B)
-                end = admission_end(req, b, B)
-                if end > L:
-                    raise ValueError(f"an admitted request ends at {end}, past the canvas ({L})")
-                lp = shift + len(req.rows[0])
-                first.append(n + len(rows_new))
-                plen.append(lp)
-                ends.append(end)
-                scheds.append(tokens_per_step(B, req.steps))
-                stop_sets.append(torch.tensor(sorted(req.stop_ids), dtype=torch.long, device=device))
-                stopped.append(False)
-                reported.append(False)
-                requests.append(req)
-                for row, pad in zip(req.rows, req.pad_lens):
-                    rows_new.append([mask_id] * shift + list(row) + [mask_id] * (L - lp))
-                    pads_new.append(pad + shift)
-                t = torch.zeros(L, dtype=torch.bool, device=device)
-                t[lp:end] = True
-                todo_new.append(t)
-            x_new = torch.tensor(rows_new, dtype=torch.long, device=device)
-            pads_t = torch.tensor(pads_new, dtype=torch.long, device=device)
+                if admission_end(req, b, B) > L:
+                    raise ValueError(f"an admitted request ends at {admission_end(req, b, B)}, past the "
+                                     f"canvas ({L})")
+            x_new, pads_new, todo_new = place(new, b, n)
+            requests += new
+            stopped += [False] * len(new)
+            reported += [False] * len(new)
             if cache is not None:
                 # new_rows: an unshared cache (a logits_fn may pool what new_cache returns)
-                extra = getattr(logits_fn, "new_rows", logits_fn.new_cache)(len(rows_new), L)
+                extra = getattr(logits_fn, "new_rows", logits_fn.new_cache)(x_new.shape[0], L)
                 if valid > 0:
-                    logits_fn(x_new[:, :valid], 0, pads_t, extra, B)
+                    logits_fn(x_new[:, :valid], 0, pads_new, extra, B)
                     forwards += 1
                 cache = logits_fn.extend_cache(cache, extra)
             x = torch.cat([x, x_new])
-            todo = torch.cat([todo, torch.stack(todo_new)])
-            pad_lens = torch.cat([pad_lens, pads_t])
-            n += len(rows_new)
+            todo = torch.cat([todo, todo_new])
+            pad_lens = torch.cat([pad_lens, pads_new])
+            n += x_new.shape[0]
         step = 0
         touched = [False] * len(requests)
         qs = lo  # logits cover [qs, hi): the block, or with SPRINT reuse its part still computed

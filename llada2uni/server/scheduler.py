@@ -343,7 +343,7 @@ class Scheduler:
             return
         requests = [r for item in live for r in item.payload[0]]
         block_length, sprint = live[0].payload[1]
-        progress = _BlockProgress(live, requests, block_length)
+        progress = _BlockProgress(live, block_length)
 
         def admit(block: int, length: int) -> list[DenoiseRequest]:
             """Waiting denoising jobs join the running batch at this block boundary when they fit."""
@@ -419,30 +419,19 @@ class _BlockProgress:
     lays them out), so a job whose canvas ends early reports done before the batch does.
     """
 
-    def __init__(self, items: list[_Work], requests: list[DenoiseRequest], block_length: int) -> None:
-        self.items = list(items)
+    def __init__(self, items: list[_Work], block_length: int) -> None:
         self.block_length = block_length
         self.admit = None  # set by the scheduler: jobs joining at block boundaries
-        spans = []
-        for req in requests:
-            plen = len(req.rows[0])
-            spans.append((plen // block_length, -(-(plen + req.gen_length) // block_length)))
-        self.first_block = min(lo for lo, _ in spans)
-        self.spans, at = [], 0
-        for item in items:  # the spans of each item's requests
-            n = len(item.payload[0])
-            self.spans.append(spans[at:at + n])
-            at += n
-        self.sent = [-1] * len(items)
+        self.items, self.spans, self.sent = [], [], []
         # request index -> (item, text request?) for the committed-token events of streaming text
         self.owner, self.offsets, self.results = [], [], []
-        for i, item in enumerate(items):
-            self.offsets.append(len(self.owner))
-            self.results.append([None] * len(item.payload[0]))
-            self.owner += [(i, bool(r.stop_ids)) for r in item.payload[0]]
+        for item in items:
+            self.add(item, 0)  # the batch's own jobs: no shift
+        self.first_block = min(lo for spans in self.spans for lo, _ in spans)
 
     def add(self, item: _Work, block: int) -> None:
-        """A job joining at ``block``: its canvas is shifted by whole blocks to start there or later."""
+        """A job of the batch (block 0) or joining at ``block``: its canvas is shifted by whole blocks
+        to start there or later, as the sampler places it."""
         i = len(self.items)
         self.items.append(item)
         self.sent.append(-1)

@@ -108,8 +108,8 @@ def chat(job: Job, pipe: LLaDA2Uni, *, messages: list[dict], max_tokens: int, st
          temperature: float, seed: int | None, block_length: int = 32) -> dict:
     """Messages whose content parts are ``{"type": "text"}`` or ``{"type": "picture", "picture"}``.
 
-    Returns ``{"text", "chunks", "finish_reason", "usage"}``; ``chunks`` split the text at the
-    sampler's block boundaries (what it committed block by block), for streaming clients.
+    Returns ``{"text", "finish_reason", "usage"}``. Streaming clients get the text block by block
+    from the scheduler's ``text`` events (the sampler's committed ids), not from here.
     """
     pictures = [part["picture"] for m in messages if isinstance(m["content"], list)
                 for part in m["content"] if part["type"] == "picture"]
@@ -128,23 +128,7 @@ def chat(job: Job, pipe: LLaDA2Uni, *, messages: list[dict], max_tokens: int, st
     req, ids = requests[0], outputs[0]
     stopped = bool(ids) and ids[-1] in req.stop_ids
     plen = len(req.rows[0])
-    first = (-plen) % block_length or block_length  # the canvas starts mid-block after the prompt
-    return {"text": text, "chunks": _block_chunks(pipe, ids, text, first, block_length),
+    return {"text": text,
             "finish_reason": "stop" if stopped else "length",
             "usage": {"prompt_tokens": plen - req.pad_lens[0], "completion_tokens": len(ids),
                       "total_tokens": plen - req.pad_lens[0] + len(ids)}}
-
-
-def _block_chunks(pipe: LLaDA2Uni, ids: list[int], text: str, first: int, block_length: int) -> list[str]:
-    """The text committed by each block (``first`` ids, then ``block_length`` each); joined, ``text``.
-
-    A block ending inside a multi-byte character holds that character back for the next block.
-    """
-    chunks, sent = [], ""
-    for end in range(first, len(ids) + block_length, block_length):
-        now = pipe.tokens.decode(ids[:end])
-        stable = now if end >= len(ids) else now.rstrip("\ufffd")
-        if stable.startswith(sent) and len(stable) > len(sent):
-            chunks.append(stable[len(sent):])
-            sent = stable
-    return chunks if sent == text and chunks else [text]
