@@ -20,12 +20,14 @@ from .ops.attention import block_causal_mask, rope_positions
 from .sampling.block import DenoiseRequest, generate
 from .sampling.guidance import Guidance
 from .sampling.sprint import Sprint, supports
-from .tokens import Tokens, TokenError, align_left
+from .tokens import Tokens, TokenError, align_rows
 from .weights import load_backbone, resolve_checkpoint, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 BLOCK_LENGTH = 32
+# The official generate_image's canvas (gen_length): steps are clamped to it // minimal_topk.
+T2I_GEN_LENGTH = 1088
 
 
 class BackboneLogits:
@@ -135,20 +137,32 @@ class LLaDA2Uni:
 
     def _request(self, rows: list[list[int]], *, gen_length: int, steps: int, threshold: float,
                  guidance: Guidance = Guidance(), image: bool = False, stop_ids: frozenset[int] = frozenset(),
-                 temperature: float = 0.0, generator: torch.Generator | None = None) -> DenoiseRequest:
-        """One denoising request: CFG rows aligned by left padding with the mask id (spec 4.5)."""
+                 temperature: float = 0.0, generator: torch.Generator | None = None, minimal_topk: int = 1,
+                 top_k: int | None = None, top_p: float | None = None,
+                 clamp_length: int | None = None) -> DenoiseRequest:
+        """One denoising request: CFG rows aligned to the conditional row (``align_rows``).
+
+        Steps are clamped to ``clamp_length // minimal_topk`` (default gen_length), as the official
+        loops clamp them to their gen_length.
+        """
         if gen_length < 1:
             raise ValueError(f"gen_length must be >= 1, got {gen_length}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if not isinstance(minimal_topk, int) or minimal_topk < 1:
+            raise ValueError(f"minimal_topk must be an integer >= 1, got {minimal_topk!r}")
+        clamp = clamp_length if clamp_length is not None else gen_length
+        if clamp < minimal_topk:
+            raise ValueError(f"gen_length {clamp} is below minimal_topk {minimal_topk}: no denoising step")
         if not 0.0 <= threshold:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
-        rows, pads = align_left(rows, self.tokens.ids.mask)
+        rows, pads = align_rows(rows, self.tokens.ids.mask)
         self._check_length(len(rows[0]), gen_length)
         vocab = (self.tokens.ids.image_offset, self.config.vocab_size) if image else None
-        return DenoiseRequest(rows=rows, pad_lens=pads, gen_length=gen_length, steps=steps,
-                              threshold=threshold, guidance=guidance, vocab=vocab, stop_ids=stop_ids,
-                              temperature=temperature, generator=generator)
+        return DenoiseRequest(rows=rows, pad_lens=pads, gen_length=gen_length,
+                              steps=min(steps, clamp // minimal_topk), threshold=threshold, guidance=guidance,
+                              vocab=vocab, stop_ids=stop_ids, temperature=temperature, generator=generator,
+                              minimal_topk=minimal_topk, top_k=top_k, top_p=top_p)
 
     @staticmethod
     def _sprint(use_sprint: bool, keep_ratio: float, cache_warmup_steps: int, image_keep_ratio: float | None,
@@ -201,9 +215,11 @@ class LLaDA2Uni:
 
     def _denoise_text(self, prompt: list[int], *, gen_length: int, steps: int, block_length: int,
                       threshold: float, temperature: float, seed: int | None,
-                      stop_ids: frozenset[int], desc: str = "text", sprint: Sprint | None = None) -> list[int]:
+                      stop_ids: frozenset[int], desc: str = "text", sprint: Sprint | None = None,
+                      minimal_topk: int = 1, top_k: int | None = None, top_p: float | None = None) -> list[int]:
         req = self._request([prompt], gen_length=gen_length, steps=steps, threshold=threshold,
-                            stop_ids=stop_ids, temperature=temperature, generator=self._generator(seed))
+                            stop_ids=stop_ids, temperature=temperature, generator=self._generator(seed),
+                            minimal_topk=minimal_topk, top_k=top_k, top_p=top_p)
         return self._run([req], block_length, desc, sprint)[0]
 
     def _codes(self, ids: list[int]) -> list[int]:
@@ -216,29 +232,67 @@ class LLaDA2Uni:
 
     # ---- tasks ----
 
+    @staticmethod
+    def _alias(name: str, value, official_name: str, official_value):
+        """The official keyword (image_h / image_w) as an alias of the project's (h / w)."""
+        if official_value is None:
+            return value
+        if value is not None and value != official_value:
+            raise ValueError(f"{name}={value!r} and {official_name}={official_value!r} disagree; pass one")
+        return official_value
+
     def understand_image(self, image_tokens: ImageInput | list[ImageInput], h: int | list[int] | None = None,
-                         w: int | list[int] | None = None, question: str = "", *, steps: int = 32,
+                         w: int | list[int] | None = None, question: str = "", *,
+                         image_h: int | list[int] | None = None, image_w: int | list[int] | None = None,
+                         template: str = "official", steps: int = 32,
                          gen_length: int = 2048, block_length: int = BLOCK_LENGTH, threshold: float = 0.95,
-                         temperature: float = 0.0, seed: int | None = None, use_sprint: bool = False,
-                         keep_ratio: float = 0.7, cache_warmup_steps: int = 2,
+                         temperature: float = 0.0, minimal_topk: int = 1, seed: int | None = None,
+                         use_sprint: bool = False, keep_ratio: float = 0.7, cache_warmup_steps: int = 2,
                          image_keep_ratio: float | None = None, text_keep_ratio: float | None = None,
                          confidence_alpha: float = 0.5, remasking: str = "low_confidence") -> str:
-        """Answer ``question`` about one or several images.
+        """Answer ``question`` about one or several images; returns the answer text.
 
         ``image_tokens`` are encoder codes already offset by ``image_token_offset`` (as in the
-        model card), in raster order, ``h * w`` of them; or a PIL image (or path / bytes), encoded
-        with the understanding resize. Several images: pass lists (of tokens, h, w, or pictures).
-        ``use_sprint`` and the keywords after it turn on SPRINT (docs/sprint.md); the model card's
-        example uses threshold 0.93, keep_ratio 0.5, cache_warmup_steps 1, image/text_keep_ratio 1.0.
+        model card), in raster order, ``h * w`` of them (``image_h`` / ``image_w`` are the official
+        names); or a PIL image (or path / bytes), encoded with the understanding resize. Several
+        images: pass lists (of tokens, h, w, or pictures). ``template="official"`` sends what the
+        official ``understand_image`` sends (image block, question, no chat turns); ``"chat"`` wraps
+        it in the system/HUMAN/ASSISTANT turns. Unlike the official method, the returned text is the
+        answer alone (the official decode also returns the question). ``use_sprint`` and the keywords
+        after it turn on SPRINT (docs/sprint.md); the model card's example uses threshold 0.93,
+        keep_ratio 0.5, cache_warmup_steps 1, image/text_keep_ratio 1.0.
         """
+        h = self._alias("h", h, "image_h", image_h)
+        w = self._alias("w", w, "image_w", image_w)
         sprint = self._sprint(use_sprint, keep_ratio, cache_warmup_steps, image_keep_ratio, text_keep_ratio,
                               confidence_alpha, remasking)
         images = self._image_list(image_tokens, h, w, mode="understand")
-        prompt = self.tokens.understand_prompt(images, question)
+        prompt = self.tokens.understand_prompt(images, question, template)
         ids = self._denoise_text(prompt, gen_length=gen_length, steps=steps, block_length=block_length,
                                  threshold=threshold, temperature=temperature, seed=seed,
-                                 stop_ids=frozenset({self.tokens.ids.eos}), sprint=sprint)
+                                 stop_ids=frozenset({self.tokens.ids.eos}), sprint=sprint,
+                                 minimal_topk=minimal_topk)
         return self.tokens.decode(ids)
+
+    def generate_text(self, prompt: str | Sequence[int], *, gen_length: int = 2048, steps: int = 32,
+                      block_length: int = BLOCK_LENGTH, threshold: float = 0.95, temperature: float = 0.0,
+                      top_k: int | None = None, top_p: float | None = None, minimal_topk: int = 1,
+                      eos_early_stop: bool = True, seed: int | None = None, use_sprint: bool = False,
+                      keep_ratio: float = 0.7, cache_warmup_steps: int = 2,
+                      image_keep_ratio: float | None = None, text_keep_ratio: float | None = None,
+                      confidence_alpha: float = 0.5, remasking: str = "low_confidence") -> list[int]:
+        """Raw block-diffusion continuation of a prompt (a string, encoded as is, or token ids): the
+        official ``generate_bd``. Returns the generated ids, through the first EOS (inclusive) when
+        ``eos_early_stop``; decode them with ``pipe.tokens.decode``."""
+        ids = self.tokens.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt must hold at least one token")
+        sprint = self._sprint(use_sprint, keep_ratio, cache_warmup_steps, image_keep_ratio, text_keep_ratio,
+                              confidence_alpha, remasking)
+        stops = frozenset({self.tokens.ids.eos}) if eos_early_stop else frozenset()
+        return self._denoise_text(ids, gen_length=gen_length, steps=steps, block_length=block_length,
+                                  threshold=threshold, temperature=temperature, seed=seed, stop_ids=stops,
+                                  sprint=sprint, minimal_topk=minimal_topk, top_k=top_k, top_p=top_p)
 
     def chat(self, messages: list[dict] | str, *, steps: int = 32, gen_length: int = 2048,
              block_length: int = BLOCK_LENGTH, threshold: float = 0.95, temperature: float = 0.0,
@@ -254,12 +308,17 @@ class LLaDA2Uni:
 
     # ---- text-to-image ----
 
-    def _grid(self, image_h: int, image_w: int) -> tuple[int, int]:
-        """T2I grid = image side / 32 (spec 4.2); sides must be positive multiples of 32."""
+    @staticmethod
+    def _grid(image_h: int, image_w: int, strict: bool = False) -> tuple[int, int]:
+        """T2I grid = (side // 2) // 16 per side, as the official ``generate_image`` computes it, so any
+        side >= 32 works (1000 px gives 31 tokens, which decode to 992 px). ``strict`` asks for
+        multiples of 32 instead (no silent rounding down)."""
         for name, side in (("image_h", image_h), ("image_w", image_w)):
-            if not isinstance(side, int) or side < 32 or side % 32:
-                raise ValueError(f"{name} must be a positive multiple of 32, got {side!r}")
-        return image_h // 32, image_w // 32
+            if not isinstance(side, int) or isinstance(side, bool) or side < 32:
+                raise ValueError(f"{name} must be an integer >= 32 pixels, got {side!r}")
+            if strict and side % 32:
+                raise ValueError(f"{name} must be a multiple of 32 with strict_sizes=True, got {side}")
+        return image_h // 2 // 16, image_w // 2 // 16
 
     @staticmethod
     def _check_prompt(prompt: str, what: str = "prompt") -> None:
@@ -268,27 +327,40 @@ class LLaDA2Uni:
 
     @staticmethod
     def _check_scale(**scales: float) -> None:
+        import math
         for name, value in scales.items():
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+    @staticmethod
+    def _check_rescale(value: float) -> None:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"cfg_rescale must lie in [0, 1], got {value!r}")
 
     def generate_image(self, prompt: str | list[str], image_h: int = 1024, image_w: int = 1024, *,
-                       steps: int = 8, cfg_scale: float = 2.0, block_length: int = BLOCK_LENGTH,
-                       mode: str = "normal", thinking_steps: int = 32, thinking_gen_length: int = 4096,
-                       threshold: float = 0.95, cfg_rescale: float = 0.0, temperature: float = 0.0,
-                       seed: int | None = None, use_sprint: bool = False, keep_ratio: float = 0.7,
-                       cache_warmup_steps: int = 2, image_keep_ratio: float | None = None,
-                       text_keep_ratio: float | None = None, confidence_alpha: float = 0.5,
-                       remasking: str = "low_confidence") -> dict | list[dict]:
+                       steps: int = 16, cfg_scale: float = 4.0, block_length: int = BLOCK_LENGTH,
+                       gen_length: int = T2I_GEN_LENGTH, mode: str = "normal", thinking_steps: int = 32,
+                       thinking_gen_length: int = 4096, thinking_temperature: float = 0.0,
+                       thinking_top_p: float | None = None, thinking_top_k: int | None = None,
+                       threshold: float = 0.95, cfg_rescale: float = 0.7, temperature: float = 0.0,
+                       minimal_topk: int = 1, strict_sizes: bool = False, seed: int | None = None,
+                       use_sprint: bool = False, keep_ratio: float = 0.7, cache_warmup_steps: int = 2,
+                       image_keep_ratio: float | None = None, text_keep_ratio: float | None = None,
+                       confidence_alpha: float = 0.5, remasking: str = "low_confidence") -> dict | list[dict]:
         """Text to an image-code grid: ``{"token_ids", "h", "w"}`` (+ ``"thinking"`` in thinking mode).
 
-        ``token_ids`` are raw codes (no offset), raster order, ``h * w`` of them; h, w = image side / 32.
-        Defaults follow the model card (steps 8, cfg_scale 2.0, 1024 px); the official CLI script uses
-        steps 16, cfg_scale 4.0, 512 px. Guidance runs only when cfg_scale > 1 (as SGLang-Omni does);
-        cfg_rescale is off by default (SGLang uses 0.7; the HF default is unknown). The canvas is
-        restricted to image codes (spec 5.4). A list of prompts is generated as one batch.
-        ``use_sprint`` and the keywords after it turn on SPRINT (docs/sprint.md), in both phases of
-        thinking mode.
+        ``token_ids`` are raw codes (no offset), raster order, ``h * w`` of them; h, w = (side // 2) // 16.
+        Defaults are the official ``generate_image``'s: steps 16, cfg_scale 4.0, cfg_rescale 0.7,
+        1024 px. Guidance runs whenever cfg_scale != 1 (below 1 too, as the official does). Only the
+        blocks the grid needs are generated; ``gen_length`` (the official canvas, 1088) only clamps
+        steps to gen_length // minimal_topk, and grows to the grid when the grid is larger.
+        ``strict_sizes`` rejects sides that are not multiples of 32. The canvas is restricted to
+        image codes. A list of prompts is generated as one batch. ``use_sprint`` and the keywords
+        after it turn on SPRINT (docs/sprint.md), in both phases of thinking mode.
+
+        mode "thinking": phase 1 writes a reasoning trace (``thinking_*`` settings) that must reach
+        a ``<boi>``; phase 2 continues that output verbatim (through its first ``<boi>``) and fills
+        the requested grid, as the official code does.
         """
         sprint_kw = dict(use_sprint=use_sprint, keep_ratio=keep_ratio, cache_warmup_steps=cache_warmup_steps,
                          image_keep_ratio=image_keep_ratio, text_keep_ratio=text_keep_ratio,
@@ -297,10 +369,13 @@ class LLaDA2Uni:
         if isinstance(prompt, (list, tuple)):
             if mode == "thinking":
                 return [self.generate_image(p, image_h, image_w, steps=steps, cfg_scale=cfg_scale,
-                                            block_length=block_length, mode=mode,
+                                            block_length=block_length, gen_length=gen_length, mode=mode,
                                             thinking_steps=thinking_steps,
-                                            thinking_gen_length=thinking_gen_length, threshold=threshold,
-                                            cfg_rescale=cfg_rescale, temperature=temperature,
+                                            thinking_gen_length=thinking_gen_length,
+                                            thinking_temperature=thinking_temperature,
+                                            thinking_top_p=thinking_top_p, thinking_top_k=thinking_top_k,
+                                            threshold=threshold, cfg_rescale=cfg_rescale, temperature=temperature,
+                                            minimal_topk=minimal_topk, strict_sizes=strict_sizes,
                                             seed=None if seed is None else seed + i, **sprint_kw)
                         for i, p in enumerate(prompt)]
             prompts = list(prompt)
@@ -310,16 +385,19 @@ class LLaDA2Uni:
             self._check_prompt(p)
         if mode not in ("normal", "thinking"):
             raise ValueError(f"mode must be 'normal' or 'thinking', got {mode!r}")
-        self._check_scale(cfg_scale=cfg_scale, cfg_rescale=cfg_rescale)
-        gh, gw = self._grid(image_h, image_w)
-        guidance = Guidance("simple", scale=cfg_scale, rescale=cfg_rescale) if cfg_scale > 1 else Guidance()
+        self._check_scale(cfg_scale=cfg_scale)
+        self._check_rescale(cfg_rescale)
+        gh, gw = self._grid(image_h, image_w, strict_sizes)
+        guidance = (Guidance("simple", scale=cfg_scale, rescale=cfg_rescale) if cfg_scale != 1.0
+                    else Guidance())
         thinking = None
         if mode == "thinking":
             phase1 = self._denoise_text(self.tokens.thinking_prompt(prompts[0]), gen_length=thinking_gen_length,
                                         steps=thinking_steps, block_length=block_length, threshold=threshold,
-                                        temperature=temperature, seed=seed,
+                                        temperature=thinking_temperature, seed=seed,
                                         stop_ids=frozenset({self.tokens.ids.boi, self.tokens.ids.eos}),
-                                        desc="thinking", sprint=sprint)
+                                        desc="thinking", sprint=sprint, minimal_topk=minimal_topk,
+                                        top_k=thinking_top_k, top_p=thinking_top_p)
             thinking = phase1
             all_rows = [self.tokens.thinking_image_prompts(prompts[0], phase1, gh, gw)]
         else:
@@ -327,7 +405,8 @@ class LLaDA2Uni:
         gen = self._generator(seed)
         requests = [self._request(rows if guidance.kind != "none" else rows[:1], gen_length=gh * gw,
                                   steps=steps, threshold=threshold, guidance=guidance, image=True,
-                                  temperature=temperature, generator=gen)
+                                  temperature=temperature, generator=gen, minimal_topk=minimal_topk,
+                                  clamp_length=max(gen_length, gh * gw))
                     for rows in all_rows]
         outs = self._run(requests, block_length, "image tokens", sprint)
         results = [{"token_ids": self._codes(ids), "h": gh, "w": gw} for ids in outs]
@@ -355,35 +434,45 @@ class LLaDA2Uni:
         return self._image_item(item, h, w)
 
     def edit_image(self, image_tokens, h: int | list[int] | None = None, w: int | list[int] | None = None,
-                   instruction: str = "", *, steps: int = 8, block_length: int = BLOCK_LENGTH,
+                   instruction: str = "", *, image_h: int | list[int] | None = None,
+                   image_w: int | list[int] | None = None, steps: int = 8, block_length: int = BLOCK_LENGTH,
                    cfg_text_scale: float = 4.0, cfg_image_scale: float = 0.0, threshold: float = 0.95,
-                   cfg_rescale: float = 0.0, temperature: float = 0.0, output_h: int | None = None,
-                   output_w: int | None = None, seed: int | None = None, use_sprint: bool = False,
-                   keep_ratio: float = 0.7, cache_warmup_steps: int = 2, image_keep_ratio: float | None = None,
-                   text_keep_ratio: float | None = None, confidence_alpha: float = 0.5,
-                   remasking: str = "low_confidence") -> dict:
+                   cfg_rescale: float = 0.7, temperature: float = 0.0, minimal_topk: int = 1,
+                   output_h: int | None = None, output_w: int | None = None, seed: int | None = None,
+                   use_sprint: bool = False, keep_ratio: float = 0.7, cache_warmup_steps: int = 2,
+                   image_keep_ratio: float | None = None, text_keep_ratio: float | None = None,
+                   confidence_alpha: float = 0.5, remasking: str = "low_confidence") -> dict:
         """Edit one image, or several references, following ``instruction``: ``{"token_ids", "h", "w"}``.
 
-        Three-way CFG ``u + t (c - u) + i (u - n)``; the no-image row runs only when
-        cfg_image_scale > 0. The output grid is the (first) source grid unless output_h/output_w
-        (grid sides in tokens) are given. Multi-reference layout: see ``Tokens.edit_prompts``.
-        The SPRINT keywords are accepted as in the remote-code API, but editing guidance runs the
-        baseline loop (spec 6.1; the sampler logs it).
+        Three-way CFG ``u + t (c - u) + i (u - n)`` with the official defaults (steps 8, text scale
+        4.0, image scale 0.0, cfg_rescale 0.7); the no-image row runs only when cfg_image_scale != 0
+        (its term is zero otherwise), and with both scales <= 0 no guidance runs, as in the official
+        code. ``image_h`` / ``image_w`` are the official names of h / w (grid sides). The output
+        grid is the (first) source grid unless output_h/output_w (grid sides in tokens) are given.
+        Multi-reference layout: see ``Tokens.edit_prompts``. The SPRINT keywords are accepted, but
+        editing guidance runs the baseline loop, as in the official code.
         """
+        h = self._alias("h", h, "image_h", image_h)
+        w = self._alias("w", w, "image_w", image_w)
         sprint = self._sprint(use_sprint, keep_ratio, cache_warmup_steps, image_keep_ratio, text_keep_ratio,
                               confidence_alpha, remasking)
         self._check_prompt(instruction, "instruction")
-        self._check_scale(cfg_text_scale=cfg_text_scale, cfg_image_scale=cfg_image_scale,
-                          cfg_rescale=cfg_rescale)
+        self._check_scale(cfg_text_scale=cfg_text_scale, cfg_image_scale=cfg_image_scale)
+        self._check_rescale(cfg_rescale)
         if image_tokens is None or (isinstance(image_tokens, (list, tuple)) and not image_tokens):
             raise ValueError("editing needs at least one source image")
         images = self._image_list(image_tokens, h, w, mode="edit")
         gh = output_h if output_h is not None else images[0][1]
         gw = output_w if output_w is not None else images[0][2]
-        guidance = Guidance("edit", text_scale=cfg_text_scale, image_scale=cfg_image_scale, rescale=cfg_rescale)
-        rows = self.tokens.edit_prompts(images, instruction, gh, gw, image_guidance=cfg_image_scale > 0)
+        rows = self.tokens.edit_prompts(images, instruction, gh, gw, image_guidance=cfg_image_scale != 0)
+        if cfg_text_scale > 0 or cfg_image_scale > 0:
+            guidance = Guidance("edit", text_scale=cfg_text_scale, image_scale=cfg_image_scale,
+                                rescale=cfg_rescale)
+        else:
+            guidance, rows = Guidance(), rows[:1]
         req = self._request(rows, gen_length=gh * gw, steps=steps, threshold=threshold, guidance=guidance,
-                            image=True, temperature=temperature, generator=self._generator(seed))
+                            image=True, temperature=temperature, generator=self._generator(seed),
+                            minimal_topk=minimal_topk)
         ids = self._run([req], block_length, "edit tokens", sprint)[0]
         return {"token_ids": self._codes(ids), "h": gh, "w": gw}
 

@@ -22,7 +22,9 @@ TINY_SPECIALS: dict[str, int] = {
     "<|mask|>": 257,
     "<role>": 258,
     "</role>": 259,
-    "<uncondition>": 260,
+    # "<uncondition>" is NOT an added token in the real tokenizer (it encodes to several text
+    # tokens), so it is not one here either; 260 holds another real special token.
+    "<think>": 260,
     "<|image|>": 261,
     "<|/image|>": 262,
     "<boi>": 263,
@@ -126,8 +128,35 @@ def write_backbone_shards(directory: Path, config: BackboneConfig, seed: int, nu
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def make_tiny(directory: str | Path, seed: int = 0, *, overwrite: bool = False) -> Path:
+def boost_tokens(directory: str | Path, boosts: dict[str, float]) -> None:
+    """Scale the output-head rows of some special tokens in a tiny checkpoint, in place.
+
+    Random weights almost never write ``<|endoftext|>`` or ``<boi>``; a row scaled by a few times
+    makes the token win wherever its logit is positive and large, so EOS stops and the thinking
+    phase's ``<boi>`` happen within a short generation. Deterministic: parity cases rebuild it.
+    """
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    shard = directory / index["weight_map"]["lm_head.weight"]
+    tensors = load_file(str(shard))
+    head = tensors["lm_head.weight"].float()
+    for name, factor in boosts.items():
+        row = TINY_SPECIALS.get(name)
+        if row is None:
+            raise KeyError(f"{name!r} is not a tiny special token")
+        head[row] *= factor
+    tensors["lm_head.weight"] = head.to(torch.bfloat16).contiguous()
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+def make_tiny(directory: str | Path, seed: int = 0, *, overwrite: bool = False,
+              boosts: dict[str, float] | None = None, image_side: bool = True) -> Path:
     """Write a complete tiny checkpoint in the official layout to ``directory``; return its path.
+
+    ``boosts`` scales the head rows of named special tokens (``boost_tokens``). ``image_side=False``
+    writes the backbone and tokenizer only (no image tokenizer, decoders or VAE; no diffusers needed).
 
     Written into a temporary sibling folder first and renamed at the end, so an interrupted run
     never leaves a half-written checkpoint behind.
@@ -145,9 +174,12 @@ def make_tiny(directory: str | Path, seed: int = 0, *, overwrite: bool = False) 
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         write_backbone_shards(tmp, config, seed)
         write_tiny_tokenizer(tmp)
-        (tmp / "image_tokenizer").mkdir()
-        write_tiny_image_tokenizer(tmp / "image_tokenizer", seed, TINY_IMAGE_CODES)
-        write_tiny_decoder_side(tmp, seed, TINY_IMAGE_CODES)
+        if image_side:
+            (tmp / "image_tokenizer").mkdir()
+            write_tiny_image_tokenizer(tmp / "image_tokenizer", seed, TINY_IMAGE_CODES)
+            write_tiny_decoder_side(tmp, seed, TINY_IMAGE_CODES)
+        if boosts:
+            boost_tokens(tmp, boosts)
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)

@@ -72,11 +72,24 @@ class SpecialIds:
         return self.image_offset <= token_id < self.image_offset + self.image_vocab_size
 
 
-def align_left(rows: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[int]]:
-    """Left-pad rows to the longest (spec 4.5: callers pass the mask id); returns rows, pad lengths."""
-    width = max((len(r) for r in rows), default=0)
-    pads = [width - len(r) for r in rows]
-    return [[pad_id] * p + list(r) for r, p in zip(rows, pads)], pads
+def align_rows(rows: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[int]]:
+    """CFG rows brought to the conditional row's length, as the official code does; returns rows and
+    left-pad lengths.
+
+    Row 0 (the conditional prompt) keeps its layout. A shorter unconditional row is left-padded
+    with ``pad_id`` (callers pass the mask id); a longer one loses its first ids (the official cuts it
+    on the left, so a short prompt's uncond row can lose the start of its system turn).
+    """
+    if not rows:
+        return [], []
+    width = len(rows[0])
+    out, pads = [], []
+    for r in rows:
+        r = list(r)
+        pad = max(0, width - len(r))
+        out.append([pad_id] * pad + r[len(r) - width + pad:])
+        pads.append(pad)
+    return out, pads
 
 
 def _as_ids(ids: Any) -> list[int]:
@@ -262,9 +275,19 @@ class Tokens:
         return blocks
 
 
-    def understand_prompt(self, images: Sequence[Image], question: str) -> list[int]:
-        """Spec 4.4(a): every image block at the start of the user turn, then the question."""
-        return self._join(system_turn(SYSTEM_UNDERSTAND), HUMAN, *self._blocks(images), question, ASSIST)
+    def understand_prompt(self, images: Sequence[Image], question: str, template: str = "official") -> list[int]:
+        """The understanding prompt.
+
+        "official" (the default): what the official ``understand_image`` sends, image block(s) then
+        the question, with no system or role turns. Several images: their blocks in order (this
+        project's extension). "chat": the same inside the hand-built chat turns (system text,
+        HUMAN, ASSISTANT), the layout ``chat_prompt`` continues for multi-turn chat.
+        """
+        if template == "official":
+            return self._join(*self._blocks(images), question)
+        if template == "chat":
+            return self._join(system_turn(SYSTEM_UNDERSTAND), HUMAN, *self._blocks(images), question, ASSIST)
+        raise TokenError(f"unknown understanding template {template!r} (expected 'official' or 'chat')")
 
     def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
         """Multi-turn understanding chat, laid out as SGLang-Omni lays it out (unvalidated against HF).
@@ -273,7 +296,7 @@ class Tokens:
         nothing between them, no EOS after answers) is SGLang-Omni's and is unvalidated. System
         messages are dropped, as SGLang does: the understanding system text is always used. A user
         message puts all its images first, in order, then its text parts joined with nothing between.
-        One user message holding images and a question gives exactly ``understand_prompt``.
+        One user message holding images and a question gives ``understand_prompt(..., "chat")``.
         """
         pieces: list[Piece] = [system_turn(SYSTEM_UNDERSTAND)]
         last_role = None
@@ -327,36 +350,31 @@ class Tokens:
         return self._join(system_turn(SYSTEM_T2I_THINKING), HUMAN, prompt, ASSIST)
 
     def _thinking_trace(self, thinking_ids: Any) -> list[int]:
-        """Phase-1 ids before the first ``<boi>`` (or EOS), less any model-written header start."""
+        """Phase-1 ids through the first ``<boi>``, verbatim; a TokenError if there is none before EOS."""
         ids = _as_ids(thinking_ids)
-        stops = (self.ids.boi, self.ids.eos)
-        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-        kept = ids[:cut]
-        if cut < len(ids) and ids[cut] == self.ids.boi and self.ids.soi in kept:
-            # The model opens its own header "<|image|> r_h r_w" before <boi>; drop it (even partial)
-            # so the requested header can replace it.
-            start = len(kept) - 1 - kept[::-1].index(self.ids.soi)
-            tail = kept[start + 1:]
-            if len(tail) <= 2 and all(self._reserved_side(t) is not None for t in tail):
-                kept = kept[:start]
-        return kept
+        for i, t in enumerate(ids):
+            if t == self.ids.boi:
+                return ids[: i + 1]
+            if t == self.ids.eos:
+                break
+        raise TokenError("the thinking phase did not write a <boi> token before it ended; try a larger "
+                         "thinking_gen_length or other sampling settings")
 
     def thinking_text(self, thinking_ids: Any) -> str:
         """The reasoning trace shown to the user: phase-1 output before ``<boi>``, specials skipped."""
-        return self.decode(self._thinking_trace(thinking_ids))
+        return self.decode(self._thinking_trace(thinking_ids)[:-1])
 
     def thinking_image_prompts(self, prompt: str, thinking_ids: Any, grid_h: int,
                                grid_w: int) -> list[list[int]]:
-        """Spec 4.4(c) phase 2: [cond, uncond].
+        """Thinking phase 2, as the official ``generate_image``: [cond, uncond].
 
-        cond = phase-1 prompt + the trace before ``<boi>`` + a header of the REQUESTED size. Where the
-        model wrote its own header dims, the requested size wins (spec 10 Q3 is open; SGLang keeps the
-        model's header in cond but counts tokens from the request, which can disagree). uncond uses
-        the no-space system string that SGLang states is the checkpoint's template.
+        cond = phase-1 prompt + the phase-1 output verbatim through its first ``<boi>`` (whatever
+        header the model wrote, or none); the REQUESTED grid is generated. uncond = the thinking
+        system turn with ``<uncondition>`` + the requested header.
         """
         header = self.image_header(grid_h, grid_w)
-        cond = self._join(self.thinking_prompt(prompt), self._thinking_trace(thinking_ids), header)
-        uncond = self._join(f"<role>SYSTEM</role>{SYSTEM_T2I_THINKING}{HUMAN}{UNCONDITION}{ASSIST}", header)
+        cond = self.thinking_prompt(prompt) + self._thinking_trace(thinking_ids)
+        uncond = self._join(system_turn(SYSTEM_T2I_THINKING), HUMAN, UNCONDITION, ASSIST, header)
         return [cond, uncond]
 
     def edit_prompts(self, images: Sequence[Image], instruction: str, grid_h: int, grid_w: int,

@@ -78,8 +78,6 @@ class Attention(nn.Module):
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
-            if cache.probe is not None:  # SPRINT: attention mass the active block gives the prefix
-                cache.observe(q, k, mask, 1.0 / math.sqrt(d))
         out = attend(q, k, v, mask, 1.0 / math.sqrt(d))  # [R, Hq, T, D]
         return self.dense(out.transpose(1, 2).reshape(r, t, hq * d))
 

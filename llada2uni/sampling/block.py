@@ -17,8 +17,8 @@ from torch import FloatTensor, LongTensor
 
 from .guidance import Guidance, combine
 from .schedules import tokens_per_step
-from .sprint import PruneStats, Sprint, adaptive_k, importance, prune_stats, select_kept, supports
-from .unmask import confidence_scores, restrict_vocab, sample_tokens, select_transfer
+from .sprint import PruneStats, Sprint, adaptive_k, keep_counts, keep_mask, max_prob, pins, supports
+from .unmask import restrict_vocab, sample_tokens, select_transfer, sprint_sample, sprint_scores
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class DenoiseRequest:
     rows: list[list[int]]  # CFG rows left-aligned to one length (row 0 = conditional); canvas follows
     pad_lens: list[int]  # left pad of each row
     gen_length: int
-    steps: int  # denoising steps per block
+    steps: int  # denoising steps per block (callers clamp it to gen_length // minimal_topk)
     threshold: float = 0.95
     guidance: Guidance = field(default_factory=Guidance)
     vocab: tuple[int, int] | None = None  # restrict to [lo, hi) after guidance/rescale (spec 5.4)
@@ -54,6 +54,7 @@ class DenoiseRequest:
     top_k: int | None = None
     top_p: float | None = None
     generator: torch.Generator | None = None
+    minimal_topk: int = 1  # SPRINT: the least positions a step commits
 
 
 @dataclass
@@ -83,35 +84,24 @@ def _check(req: DenoiseRequest) -> None:
         raise ValueError("gen_length must be >= 1")
 
 
-def _reuse_view(cache: Any, sprint: Sprint, x: LongTensor, conf_rows: torch.Tensor, plen_rows: LongTensor,
-                alive_rows: torch.Tensor, pad_lens: LongTensor, block: int, lo: int, hi: int,
-                image_offset: int | None, probed: bool) -> tuple[int, PruneStats | None]:
-    """Switch the cache to SPRINT's reused (and pruned) prefix for the rest of block [lo, hi).
+def _pruned_view(cache: Any, sprint: Sprint, x: LongTensor, conf: torch.Tensor, lo: int, hi: int,
+                 block: int, image_offset: int | None) -> PruneStats:
+    """After warm-up: pick each layer's kept prefix keys [0, lo) and switch the cache to them.
 
-    Returns the new window start: the first generated position of the block over the live rows. The
-    prompt tail of the block (and every column of rows with nothing left to do there) is frozen: its
-    KV from the last warm-up step is reused, the approximation spelled out in ``sprint.py``.
+    The official selection (``sprint.keep_mask``) on the post-RoPE keys the cache holds and the
+    prefix confidences ``conf`` [R, L]; every row keeps ``keep_counts`` keys in every layer.
     """
-    dev = x.device
-    q_lo = torch.where(alive_rows, plen_rows.clamp(lo, hi), hi)  # [R] first position to compute
-    start = int(q_lo.min())
-    frozen = torch.arange(start, hi, device=dev)[None, :] < q_lo[:, None]  # [R, hi - start]
-    keep = stats = None
-    if probed:
-        attn = cache.end_probe()  # [R, lo]
-        candidate = (torch.arange(lo, device=dev)[None, :] >= pad_lens[:, None]) & alive_rows[:, None]
-        prefix = x[:, :lo]
-        is_image = prefix >= image_offset if image_offset is not None else torch.zeros_like(candidate)
-        score = importance(attn, conf_rows[:, :lo], candidate, sprint.confidence_alpha)
-        keep = select_kept(score, candidate, is_image, sprint.image_ratio, sprint.text_ratio)
-        stats = prune_stats(block, keep, candidate, is_image)
-        if torch.equal(keep, candidate):  # nothing dropped: the plain cache serves, no gather
-            keep = None
-        else:  # the frozen prompt tail [lo, start) belongs to the active block: never pruned
-            keep = torch.cat([keep, keep.new_ones(keep.shape[0], start - lo)], dim=1)  # [R, start]
-    if keep is not None or frozen.any():
-        cache.set_view(start, hi, keep, frozen if frozen.any() else None)
-    return start, stats
+    pin = pins(x[:, :lo], image_offset, sprint)  # [R, lo]
+    counts = keep_counts(lo, pin.sum(-1), sprint.keep_ratio)  # [R]
+    kept = int(counts.max())
+    idx = []
+    for layer in range(cache.k.shape[0]):
+        keep = keep_mask(cache.k[layer, :, :, :lo], conf[:, :lo], pin, counts, sprint.alpha)
+        # Stable sort of "not kept" brings the kept indices first, in ascending order.
+        idx.append(torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[:, :kept])
+    valid = torch.arange(kept, device=x.device)[None, :] < counts[:, None]  # [R, K]
+    cache.set_view(lo, hi, torch.stack(idx), valid)
+    return PruneStats(block, counts.tolist(), [lo] * x.shape[0])
 
 
 def admission_shift(req: DenoiseRequest, block: int, block_length: int) -> int:
@@ -156,11 +146,11 @@ def generate(
 ) -> DenoiseOutput:
     """Fill each request's generation canvas by block diffusion; all requests share every forward.
 
-    ``sprint`` (when ``sprint.use``) turns on SPRINT (spec 6) for every request: per step commit
-    ceil(masked left / steps left) ranked by ``sprint.remasking``, plus the threshold; and, when the
-    cache supports it, prefix reuse with pruning after the first ``sprint.warmup`` steps of each
-    block. ``image_offset`` tells image keys (ids >= it) from text keys for the per-modality keep
-    ratios (None: all text). Editing guidance falls back to the baseline loop (spec 6.1).
+    ``sprint`` (when ``sprint.use``) turns on SPRINT for every request, as the official code runs it
+    (``sprint.py``): the adaptive per-step count, and, when the cache supports it, the block's
+    queries against each layer's kept prefix keys after ``cache_warmup_steps`` steps.
+    ``image_offset`` tells image keys (ids >= it) from text keys for pinning (None: all text).
+    Editing guidance falls back to the baseline loop, as in the official code.
     """
     B = block_length
     requests = list(requests)  # admitted requests are appended (their results follow, in that order)
@@ -215,13 +205,12 @@ def generate(
     pruned: list[PruneStats] = []
     # SPRINT's reuse and pruning act on the cache; without a prunable one only the unmasking changes.
     reuse = sprint is not None and cache is not None and getattr(logits_fn, "sprint_views", False)
-    if sprint is not None:
-        if not reuse:
-            log.info("SPRINT: this logits_fn has no prunable KV cache; adaptive unmasking only")
-        row_req = torch.tensor([r for r, req in enumerate(requests) for _ in req.rows], device=device)
-        plen_rows = torch.tensor(plen, device=device)[row_req]  # [R]
-        # Confidence of each committed token at commit time; prompt tokens count as certain (INFERRED).
-        conf_at = torch.ones(len(requests), L, device=device)  # [N, L]
+    if sprint is not None and not reuse:
+        log.info("SPRINT: this logits_fn has no prunable KV cache; adaptive unmasking only")
+    # Max softmax probability of the raw logits at every final position, per stacked row: the
+    # confidence half of SPRINT's key importance (the official takes it from the warm-up forward's
+    # logits; a final position's logits are the same in every forward, block attention being causal).
+    conf_prefix = torch.zeros(n, L, device=device) if reuse else None
 
     can_admit = admit is not None and sprint is None and (cache is None or hasattr(logits_fn, "extend_cache"))
     for b in range(first_block, L // B):
@@ -254,33 +243,24 @@ def generate(
             n += x_new.shape[0]
         step = 0
         touched = [False] * len(requests)
-        qs = lo  # logits cover [qs, hi): the block, or with SPRINT reuse its part still computed
-        probed = False
+        pruned_view = False  # SPRINT: the block's queries see the kept prefix keys only
         while True:
             alive = todo[:, lo:hi].any(1).tolist()
             if not any(alive):
                 break
-            if reuse and step >= sprint.warmup:
-                if step == sprint.warmup:
-                    alive_rows = torch.tensor(alive, device=device)[row_req]
-                    qs, stats = _reuse_view(cache, sprint, x, conf_at[row_req], plen_rows, alive_rows,
-                                            pad_lens, b, lo, hi, image_offset, probed)
-                    probed = False
-                    if stats is not None:
-                        pruned.append(stats)
-                start = qs
+            if pruned_view:
+                start, num_logits = lo, B
             else:
                 # Cached: the window starts at the first non-final block, so the first forward of block b
                 # also writes the now-final KV of block b-1; no extra refresh forward is needed (spec 5.8).
                 start = valid if cache is not None else 0
-                if reuse and step == 0 and sprint.prunes and lo > 0:
-                    # Importance for pruning: attention the block's generated positions pay the prefix.
-                    alive_rows = torch.tensor(alive, device=device)[row_req]
-                    gen = torch.arange(lo, hi, device=device)[None, :] >= plen_rows[:, None]  # [R, B]
-                    cache.begin_probe(gen & alive_rows[:, None], lo)
-                    probed = True
-            logits = logits_fn(x[:, start:hi], start, pad_lens, cache, hi - qs)  # [R, hi - qs, V]
+                # SPRINT wants the confidence of the positions this forward makes final.
+                num_logits = hi - start if conf_prefix is not None and start < lo else B
+            logits = logits_fn(x[:, start:hi], start, pad_lens, cache, num_logits)  # [R, num_logits, V]
             forwards += 1
+            if num_logits > B:
+                conf_prefix[:, start:lo] = max_prob(logits[:, : lo - start])
+                logits = logits[:, lo - start:]
             if cache is not None:
                 valid = lo
             for r, req in enumerate(requests):
@@ -288,30 +268,31 @@ def generate(
                     continue
                 touched[r] = True
                 rows = slice(first[r], first[r] + len(req.rows))
-                g = combine(req.guidance, logits[rows])  # [hi - qs, V] fp32
+                g = combine(req.guidance, logits[rows])  # [B, V] fp32
                 if req.vocab is not None:
                     g = restrict_vocab(g, *req.vocab)
-                pred, conf = sample_tokens(g, req.temperature, req.top_k, req.top_p, req.generator)
-                active = todo[r, qs:hi]
+                active = todo[r, lo:hi]
                 if sprint is None:
+                    pred, conf = sample_tokens(g, req.temperature, req.top_k, req.top_p, req.generator)
                     # A request finishes its block in <= len(sched) steps: each step commits sched[step]
                     # or all that is left, and the schedule sums to B.
                     commit = select_transfer(conf, active, scheds[r][step], req.threshold)  # [B]
                 else:
-                    # Same guarantee: at the last step k is all that is left. The threshold tests the
-                    # top-1 probability whatever the ranking (spec 5.2).
-                    score = (conf if sprint.remasking == "low_confidence"
-                             else confidence_scores(g, pred, sprint.remasking))
-                    k = adaptive_k(active.sum(), len(scheds[r]), step)  # steps clamped as the baseline's
-                    commit = select_transfer(score, active, k, req.threshold, accept=conf)
-                    conf_at[r, qs:hi] = torch.where(commit, conf, conf_at[r, qs:hi])
-                x[rows, qs:hi] = torch.where(commit, pred, x[rows, qs:hi])
-                todo[r, qs:hi] &= ~commit
+                    # The official adaptive step: k by the ranking, plus every position whose top-1
+                    # probability passes the threshold; at the last step k is all that is left.
+                    pred = sprint_sample(g, req.temperature, req.top_k, req.top_p, req.generator)
+                    score, top1 = sprint_scores(g, pred, sprint.remasking, active, req.generator)
+                    k = adaptive_k(active.sum(), req.steps, step, req.minimal_topk)
+                    commit = select_transfer(score, active, k, req.threshold, accept=top1)
+                x[rows, lo:hi] = torch.where(commit, pred, x[rows, lo:hi])
+                todo[r, lo:hi] &= ~commit
+            if reuse and step == sprint.cache_warmup_steps - 1 and lo > 0:
+                # The last warm-up step (a full-prefix forward) picks the kept keys for the rest.
+                pruned.append(_pruned_view(cache, sprint, x, conf_prefix, lo, hi, b, image_offset))
+                pruned_view = True
             step += 1
         steps_per_block.append(step)
-        if probed:  # the block finished within its warm-up steps
-            cache.end_probe()
-        if reuse:
+        if pruned_view:
             cache.clear_view()
 
         for r, req in enumerate(requests):

@@ -16,7 +16,8 @@ class Guidance:
 
     kind "simple": rows (c, u), g = u + scale (c - u). kind "edit": rows (c, u, n) with
     g = u + text_scale (c - u) + image_scale (u - n); with image_scale == 0 the no-image row is not
-    run. rescale > 0 blends in the std-matched g (SGLang uses 0.7; the HF default is UNKNOWN).
+    run (its term is exactly 0). rescale > 0 blends in the std-matched g; the official code applies
+    0.7 on every text-to-image and editing call.
     """
 
     kind: str = "none"
@@ -33,26 +34,26 @@ class Guidance:
     def num_rows(self) -> int:
         if self.kind == "none":
             return 1
-        if self.kind == "edit" and self.image_scale > 0:
+        if self.kind == "edit" and self.image_scale != 0:
             return 3
         return 2
 
 
-# Written as c + (s - 1)(c - u), algebraically u + s (c - u), so that s = 1 returns c bit-exactly
-# and "CFG scale 1" decodes exactly like no CFG.
+# Each formula is evaluated in the official code's order, so that the floats (and therefore near-tied
+# argmaxes) are the same. Callers skip guidance at scale 1, where this is c up to rounding.
 def cfg_simple(c: Tensor, u: Tensor, scale: float) -> Tensor:
-    return c + (scale - 1.0) * (c - u)
+    return u + scale * (c - u)
 
 
 def cfg_edit(c: Tensor, u: Tensor, n: Tensor, text_scale: float, image_scale: float) -> Tensor:
-    # (u - n): u keeps the image and drops the text, n keeps the text and drops the image (SGLang sign).
-    return cfg_simple(c, u, text_scale) + image_scale * (u - n)
+    # (u - n): u keeps the image and drops the text, n keeps the text and drops the image.
+    return u + text_scale * (c - u) + image_scale * (u - n)
 
 
 def cfg_rescale(g: Tensor, c: Tensor, r: float) -> Tensor:
     """Match g's per-position spread over the vocabulary to c's (unbiased std), blended by r.
     Must run before any vocabulary restriction: the std is over all logits (spec 5.5)."""
-    g_r = g * c.std(dim=-1, keepdim=True) / (g.std(dim=-1, keepdim=True) + 1e-6)
+    g_r = g * (c.std(dim=-1, keepdim=True) / (g.std(dim=-1, keepdim=True) + 1e-6))
     return r * g_r + (1.0 - r) * g
 
 

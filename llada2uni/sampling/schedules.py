@@ -8,11 +8,12 @@ import torch
 def tokens_per_step(block_length: int, steps: int) -> list[int]:
     """How many masked positions of one block to commit at each denoising step (sums to block_length).
 
-    steps is clamped to [1, block_length]: a step beyond block_length would be scheduled to commit
-    0 tokens (a wasted forward), and at least one step is needed to fill the block (SGLang clamps
-    the same way, spec 5.1).
+    As the official ``_get_num_transfer_tokens``: steps beyond block_length get 0 (such a step still
+    commits whatever passes the threshold, but the block is full by step block_length anyway).
+    Callers clamp steps to gen_length // minimal_topk first, as the official does.
     """
-    steps = max(1, min(steps, block_length))
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     base, extra = divmod(block_length, steps)
     return [base + (i < extra) for i in range(steps)]
 

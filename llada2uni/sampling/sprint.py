@@ -1,31 +1,31 @@
-"""SPRINT, the model's training-free speed-up (spec 6), as options of the one block loop.
+"""SPRINT, the model's training-free speed-up, as the official remote code runs it (docs/sprint.md).
 
-No SPRINT source is public; the model card documents its knobs and their intent, the rest is inferred
-and marked INFERRED where it is decided. This module holds the parameters and the pure pieces: the
-adaptive per-step count, the prefix-importance score and the per-modality choice of kept keys. The
-loop in ``block.py`` drives them; the KV cache (``models/cache.py``) does the probing and gathering
-through the duck-typed methods listed in ``PrunableCache``.
+The official HF code (``generate_bd`` / ``generate_bd_image``) is the reference; ``tests/test_parity.py``
+holds golden ids from it. This module holds the parameters and the pure pieces; the loop in
+``block.py`` drives them, and the KV cache (``models/cache.py``) gathers the kept keys.
 
-What is exact and what approximates (see docs/sprint.md):
-* Completed blocks: their KV is always computed with full attention, in the first forward of the
-  next block (as in the baseline), so reusing it is exact.
-* Pruning: after the warm-up steps of a block, its queries attend to a kept subset of the completed
-  prefix only: an approximation that keep ratios of 1.0 turn off.
-* The block holding the prompt tail: after warm-up, the prompt-tail tokens of that block stop being
-  recomputed; their KV is frozen at the last warm-up step, so they no longer see tokens committed
-  later in their block. The next block's first forward recomputes them exactly.
+Per block, with W = ``cache_warmup_steps``:
+* steps 0 .. W-1 are ordinary forwards against the full prefix; step W-1 also picks, per layer and
+  per row, the prefix keys to keep (W = 0 never picks: the block never prunes);
+* steps W .. forward only the block, against the kept prefix keys (all of them visible) and the
+  block itself (all of it visible);
+* every step commits k = clamp(ceil(masked / steps left), minimal_topk, masked) positions ranked by
+  ``remasking``, plus every masked position whose top-1 probability exceeds the threshold.
 
-Choices no source states (INFERRED, each also noted where it is made):
-* Reuse and pruning restart with every block: warm-up steps, then a kept set chosen from that
-  block's own attention.
-* Importance of a prefix key = the attention probability the block's generated positions (masked
-  or already committed) give it, averaged over all layers, heads, those queries and the warm-up
-  forwards; divided by the row maximum; blended as alpha * confidence + (1 - alpha) * attention.
-* Confidence of a prefix token: its top-1 probability when it was committed; prompt tokens 1.0.
-* The per-modality ratios always apply (None -> keep_ratio); ceil(ratio * n) per modality; ties to
-  the earlier position; pads are never kept; the frozen prompt tail is never pruned.
-* cache_warmup_steps below 1 acts as 1; the threshold tests the top-1 probability whatever the
-  ranking; SPRINT state is per row, and rows that keep fewer keys are padded with invisible keys.
+Which keys a layer keeps (``keep_mask``): importance = the key's L2 norm (post-norm, post-RoPE) mean
+over KV heads, normalised by its mean over the prefix and blended with the token's confidence (the
+max softmax probability of the raw logits at that position) as alpha * norm + (1 - alpha) * conf.
+Text keys are pinned (always kept) when ``text_keep_ratio`` is None or >= 1, image keys when
+``image_keep_ratio`` >= 1; other values of the two ratios do nothing. keep = max(int(L * keep_ratio),
+pinned) keys (all of them when keep_ratio >= 1 or everything is pinned).
+
+Official quirks reproduced on purpose (each surprising, each kept for token parity):
+* Pinning marks pinned keys +inf before the blend; the mean then is +inf, so pinned keys get NaN and
+  every unpinned key gets 0 * norm: with any pin, unpinned keys are ranked by confidence ALONE, and
+  the NaN keys rank first (as torch.topk ranks NaN).
+* The pad keys of a left-padded CFG row are mask-id tokens, so they count as text: pinned by default,
+  and visible to the block's queries after warm-up (the warm-up forward hides them, as always).
+* Inside the block every key is visible to every query after warm-up, the pads of a padded row too.
 """
 
 from __future__ import annotations
@@ -36,28 +36,23 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-STRATEGIES = ("low_confidence", "top_k_margin", "neg_entropy")
+STRATEGIES = ("low_confidence", "top_k_margin", "neg_entropy", "random")
 
 
 @dataclass(frozen=True)
 class Sprint:
-    """SPRINT parameters of one ``generate`` call (spec 6.2).
+    """SPRINT parameters of one ``generate`` call; defaults are the official signature's.
 
-    Defaults are the values SGLang-Omni passes to the remote-code ``generate_image`` (keep_ratio 0.7,
-    cache_warmup_steps 2, confidence_alpha 0.5, remasking "low_confidence"); the model card's
-    understanding example uses keep_ratio 0.5, cache_warmup_steps 1, image/text_keep_ratio 1.0 and
-    threshold 0.93. Whether these equal the remote code's signature defaults is unknown.
-    The acceptance threshold is the request's ``threshold``, the same knob as the baseline's.
+    The acceptance threshold is the request's ``threshold`` and the step floor its
+    ``minimal_topk``, the same knobs as the baseline's.
 
-    keep_ratio: fraction of the completed prefix kept per modality after warm-up; image_keep_ratio /
-        text_keep_ratio override it for image ids (>= the image offset) and text ids; None falls back
-        to keep_ratio (INFERRED).
-    cache_warmup_steps: steps of each block run against the full prefix (they also measure the
-        importance used for pruning); afterwards the pruned prefix is used. Values below 1 act as 1:
-        the first forward of a block writes the previous block's final KV and needs the full prefix.
-    confidence_alpha: weight of token confidence in the importance score, 1 - alpha weighs attention
-        (INFERRED from the name; spec 6.3 writes the opposite; the default 0.5 is the same either way).
-    remasking: confidence used to rank positions for the adaptive top-k (spec 5.2).
+    keep_ratio: fraction of the prefix keys each layer keeps after warm-up (>= 1: keep all, still
+        reusing the cache). image_keep_ratio / text_keep_ratio: only pin a modality (>= 1; text
+        also when None), as the official code does.
+    cache_warmup_steps: full-prefix steps of each block; the last of them picks the kept keys.
+        0 never prunes (the official loop's condition ``step == cache_warmup_steps - 1`` never holds).
+    confidence_alpha: weight of the key-norm term; 1 - alpha weighs token confidence.
+    remasking: ranking of the adaptive top-k.
     """
 
     use: bool = True
@@ -69,113 +64,99 @@ class Sprint:
     remasking: str = "low_confidence"
 
     def __post_init__(self):
-        for name in ("keep_ratio", "image_keep_ratio", "text_keep_ratio", "confidence_alpha"):
+        for name in ("keep_ratio", "image_keep_ratio", "text_keep_ratio"):
             value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"SPRINT {name} must lie in [0, 1], got {value}")
+            if value is not None and not value >= 0.0:
+                raise ValueError(f"SPRINT {name} must be >= 0, got {value}")
         if self.cache_warmup_steps < 0:
             raise ValueError(f"SPRINT cache_warmup_steps must be >= 0, got {self.cache_warmup_steps}")
         if self.remasking not in STRATEGIES:
             raise ValueError(f"SPRINT remasking must be one of {STRATEGIES}, got {self.remasking!r}")
 
     @property
-    def image_ratio(self) -> float:
-        return self.keep_ratio if self.image_keep_ratio is None else self.image_keep_ratio
+    def pin_text(self) -> bool:
+        return self.text_keep_ratio is None or self.text_keep_ratio >= 1.0
 
     @property
-    def text_ratio(self) -> float:
-        return self.keep_ratio if self.text_keep_ratio is None else self.text_keep_ratio
+    def pin_image(self) -> bool:
+        return self.image_keep_ratio is not None and self.image_keep_ratio >= 1.0
 
     @property
-    def warmup(self) -> int:
-        return max(1, self.cache_warmup_steps)
-
-    @property
-    def prunes(self) -> bool:
-        return min(self.image_ratio, self.text_ratio) < 1.0
+    def alpha(self) -> float:
+        return float(max(0.0, min(1.0, self.confidence_alpha)))  # clamped, as the official does
 
 
 @dataclass
 class PruneStats:
-    """What one block's pruning kept, per stacked row (rows of finished requests keep nothing)."""
+    """What one block kept after warm-up: per stacked row, keys kept (every layer keeps as many)
+    out of the prefix length."""
 
     block: int
-    text_kept: list[int]
-    text_total: list[int]
-    image_kept: list[int]
-    image_total: list[int]
+    kept: list[int]
+    total: list[int]
 
 
 class PrunableCache(Protocol):
-    """The KV-cache methods SPRINT's prefix reuse and pruning need (``models.cache.KVCache``)."""
+    """The KV-cache methods SPRINT needs (``models.cache.KVCache``)."""
 
-    def begin_probe(self, queries: Tensor, num_keys: int) -> None:
-        """Accumulate, over the next forwards, the attention mass that the last queries.shape[1]
-        window positions (those with queries[r, t] True) give to keys [0, num_keys)."""
+    k: Tensor  # [layers, R, Hkv, max_len, D], post-RoPE keys
 
-    def end_probe(self) -> Tensor:
-        """Stop probing; mean attention probability per key [R, num_keys] fp32."""
-
-    def set_view(self, start: int, end: int, keep: Tensor | None, frozen: Tensor | None) -> None:
-        """From now on the window is [start, end): its queries see the prefix keys with keep[r, j]
-        True (all of [0, start) if keep is None), at their original positions, plus the window;
-        window columns with frozen[r, t] True keep their cached KV instead of being written."""
+    def set_view(self, start: int, end: int, idx: Tensor, valid: Tensor) -> None:
+        """From now on the window is [start, end): its queries see, per layer, the prefix keys
+        idx [layers, R, K] where valid [R, K], then the whole window; nothing else."""
 
     def clear_view(self) -> None:
-        """Back to the plain cache: keys [0, end) as written."""
+        """Back to the plain cache."""
 
 
 def supports(guidance_kind: str) -> bool:
-    """SPRINT works without CFG and with simple CFG; editing CFG falls back to the baseline (spec 6.1)."""
+    """SPRINT runs without CFG and with simple CFG; editing CFG runs the baseline (as the official)."""
     return guidance_kind != "edit"
 
 
-def adaptive_k(masked_left: Tensor, steps: int, step: int) -> Tensor:
-    """k = ceil(masked_left / steps_left) (spec 6.1): with a fixed number of steps per block the block
-    still finishes in time, but the count follows what is left instead of a fixed schedule."""
+def adaptive_k(masked_left: Tensor, steps: int, step: int, minimal_topk: int = 1) -> Tensor:
+    """k = clamp(ceil(masked / steps left), minimal_topk, masked): the block ends by its last step."""
     steps_left = max(steps - step, 1)
-    return (masked_left + steps_left - 1) // steps_left
+    k = (masked_left + steps_left - 1) // steps_left
+    return torch.minimum(torch.clamp(k, min=int(minimal_topk)), masked_left)
 
 
-def importance(attn: Tensor, conf: Tensor, candidate: Tensor, alpha: float) -> Tensor:
-    """Blend attention received and token confidence into one score per prefix key (INFERRED).
-
-    attn [R, N] (mean attention probability from the active block), conf [R, N] in [0, 1],
-    candidate [R, N] bool. Attention is normalised by its row maximum over the candidates so that
-    both terms span [0, 1] before blending: raw attention mass is O(1/N) and would otherwise be
-    swamped by confidence.
-    """
-    attn = attn.masked_fill(~candidate, 0.0)
-    top = attn.amax(-1, keepdim=True)
-    attn = torch.where(top > 0, attn / top.clamp_min(torch.finfo(attn.dtype).tiny), 0.0)
-    return alpha * conf + (1.0 - alpha) * attn
+def max_prob(logits: Tensor) -> Tensor:
+    """Max softmax probability per position, fp32: [..., V] -> [...] (the confidence of a prefix key)."""
+    logits = logits.float()
+    return torch.exp(logits.amax(-1) - torch.logsumexp(logits, dim=-1))
 
 
-def keep_count(n: Tensor, ratio: float) -> Tensor:
-    """ceil(ratio * n) per row, robust to float error (0.7 * 10 must give 7, not 8)."""
-    return torch.ceil(n.double() * ratio - 1e-9).clamp_min(0).long()
+def pins(prefix_ids: Tensor, image_offset: int | None, sprint: Sprint) -> Tensor:
+    """Pinned prefix keys [R, L] bool: text ids (pads are mask ids, so text) and/or image ids."""
+    is_image = (prefix_ids >= image_offset if image_offset is not None
+                else torch.zeros_like(prefix_ids, dtype=torch.bool))
+    pin = torch.zeros_like(is_image)
+    if sprint.pin_text:
+        pin |= ~is_image
+    if sprint.pin_image:
+        pin |= is_image
+    return pin
 
 
-def _top_fraction(score: Tensor, member: Tensor, ratio: float) -> Tensor:
-    """The ceil(ratio * n) highest-scoring members of each row; ties to the lower position."""
-    k = keep_count(member.sum(-1), ratio)  # [R]
-    order = torch.sort(score.masked_fill(~member, float("-inf")), dim=-1, descending=True, stable=True).indices
+def keep_counts(prefix_len: int, pinned: Tensor, keep_ratio: float) -> Tensor:
+    """Keys kept per row [R]: max(int(L * keep_ratio) or 1, pinned), L when keep_ratio >= 1 or all
+    are pinned. Python float arithmetic, as the official's ``int(prefix_len * keep_ratio)``."""
+    base = prefix_len if keep_ratio >= 1.0 else max(1, int(prefix_len * keep_ratio))
+    return torch.clamp(pinned, min=base).clamp(max=prefix_len)
+
+
+def keep_mask(keys: Tensor, conf: Tensor, pin: Tensor, keep: Tensor, alpha: float) -> Tensor:
+    """The kept prefix keys of one layer: keys [R, Hkv, L, D], conf [R, L] fp32, pin [R, L] bool,
+    keep [R] counts -> [R, L] bool. The official importance, NaN quirk included (module docstring)."""
+    score = keys.float().norm(dim=-1).mean(dim=1)  # [R, L]
+    score = score.masked_fill(pin, float("inf"))
+    if alpha < 1.0:
+        mean = score.mean(dim=-1, keepdim=True).clamp_min(1e-6)  # +inf as soon as one key is pinned
+        score = alpha * (score / mean) + (1.0 - alpha) * conf
+    # NaN (pinned, once blended) ranks first, as in torch.topk; ties go to the lower position.
+    score = torch.where(torch.isnan(score), float("inf"), score)
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return member & (rank < k[:, None])
-
-
-def select_kept(score: Tensor, candidate: Tensor, is_image: Tensor, image_ratio: float,
-                text_ratio: float) -> Tensor:
-    """Keep ceil(ratio * n_modality) of each row's candidate keys per modality, by score (INFERRED:
-    the per-modality ratios always apply; a None override was already replaced by keep_ratio).
-    score/candidate/is_image [R, N] -> keep [R, N] bool."""
-    image, text = candidate & is_image, candidate & ~is_image
-    return _top_fraction(score, image, image_ratio) | _top_fraction(score, text, text_ratio)
-
-
-def prune_stats(block: int, keep: Tensor, candidate: Tensor, is_image: Tensor) -> PruneStats:
-    def count(t: Tensor) -> list[int]:
-        return t.sum(-1).tolist()
-    return PruneStats(block, count(keep & ~is_image), count(candidate & ~is_image),
-                      count(keep & is_image), count(candidate & is_image))
+    return rank < keep[:, None]

@@ -3,6 +3,8 @@ and which positions to commit (spec 5.2-5.4)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -57,24 +59,54 @@ def sample_tokens(
     return pred, probs.gather(-1, pred[:, None])[:, 0]
 
 
-def confidence_scores(logits: Tensor, pred: Tensor, strategy: str = "low_confidence") -> Tensor:
-    """Score each position's prediction, higher = commit sooner. logits [T, V] (log-probabilities work
-    too: softmax of log p is p), pred [T] -> [T] fp32.
+def sprint_sample(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """SPRINT's token choice, as the official adaptive step makes it: logits [T, V] -> pred [T].
 
-    low_confidence = p(pred) is the baseline (spec 5.2). top_k_margin = p1 - p2 and
-    neg_entropy = sum p log p are SPRINT's other options; no source gives their formulas, these are
-    the standard definitions (INFERRED).
+    temperature <= 0: argmax. Otherwise the official Gumbel-style draw: argmax of
+    exp(logits) / (-log u) ** temperature in fp64 (u uniform), after top-p then top-k filtering of
+    those noisy scores. It differs from the baseline's ``sample_tokens`` at temperature > 0, as the
+    official's two loops differ.
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scores = logits.double()
+    u = torch.rand(scores.shape, dtype=torch.float64, device=scores.device, generator=generator)
+    scores = scores.exp() / (-torch.log(u)) ** temperature
+    scores = _top_k_filter(_top_p_filter(scores, top_p), top_k)
+    return scores.argmax(-1)
+
+
+def sprint_scores(logits: Tensor, pred: Tensor, strategy: str, active: Tensor,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """(ranking score, top-1 probability), each [T] fp32, for SPRINT's adaptive step.
+
+    The official definitions: low_confidence = p(pred); top_k_margin = p1 - p2;
+    neg_entropy = 1 - H / log V with H = -sum p log(p + 1e-10) over the whole vocabulary;
+    random = uniform scores for the active positions. The threshold always tests the top-1
+    probability. Inactive positions score -inf.
     """
     probs = torch.softmax(logits.float(), dim=-1)
+    top1 = probs.amax(-1)
     if strategy == "low_confidence":
-        return probs.gather(-1, pred[:, None])[:, 0]
-    if strategy == "top_k_margin":
+        score = probs.gather(-1, pred[:, None])[:, 0]
+    elif strategy == "top_k_margin":
         top2 = probs.topk(2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
-    if strategy == "neg_entropy":
-        # xlogy keeps 0 log 0 = 0 for vocabulary-restricted (-inf) entries.
-        return torch.special.xlogy(probs, probs).sum(-1)
-    raise ValueError(f"unknown confidence strategy {strategy!r}")
+        score = top2[:, 0] - top2[:, 1]
+    elif strategy == "neg_entropy":
+        vocab = probs.shape[-1]
+        entropy = -(probs * torch.log(probs + 1e-10)).sum(-1)
+        score = 1.0 - entropy / (math.log(vocab) if vocab > 1 else 1.0)
+    elif strategy == "random":
+        score = torch.rand(pred.shape, device=pred.device, generator=generator)
+    else:
+        raise ValueError(f"unknown SPRINT remasking strategy {strategy!r}")
+    return score.masked_fill(~active, float("-inf")), top1
 
 
 def select_transfer(conf: Tensor, active: Tensor, k: int | Tensor, threshold: float,
