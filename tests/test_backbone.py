@@ -28,11 +28,12 @@ def test_block_mask_and_positions():
     m = block_causal_mask(0, 8, pads, block_length=4)[:, 0].int()
     expected0 = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]] * 4 + [[1] * 8] * 4)
     assert torch.equal(m[0], expected0)
-    # row 1: keys 0..2 are pads: invisible to real queries; pad queries see only themselves
+    # row 1: keys 0..2 are pads: invisible to every query (a pad query then sees the real key 3 of
+    # its block, or nothing: ``attend`` gives such a query a zero output, as the official SDPA does)
     expected1 = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0, 0],
-        [0, 1, 0, 0, 0, 0, 0, 0],
-        [0, 0, 1, 0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0, 0, 0],
         [0, 0, 0, 1, 0, 0, 0, 0],
         [0, 0, 0, 1, 1, 1, 1, 1],
         [0, 0, 0, 1, 1, 1, 1, 1],
@@ -43,6 +44,18 @@ def test_block_mask_and_positions():
     # window [4, 8): same rows of the full mask
     assert torch.equal(block_causal_mask(4, 8, pads, 4)[:, 0].int(), m[:, 4:])
     assert rope_positions(0, 6, pads).tolist() == [[0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 1, 2]]
+
+
+def test_attend_query_with_no_key_gets_zero():
+    from llada2uni.ops.attention import attend
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(3))
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 1, :] = False
+    out = attend(q, k, v, mask, 8 ** -0.5)
+    assert torch.isfinite(out).all() and (out[:, :, 1] == 0).all()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # CPU: zero too
+    assert torch.allclose(out, ref, atol=1e-6)
 
 
 def _logits(model, ids, pads, start=0, cache=None, num_logits=None):

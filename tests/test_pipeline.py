@@ -6,7 +6,7 @@ import torch
 from llada2uni.pipeline import LLaDA2Uni
 from llada2uni.sampling.block import DenoiseRequest, generate
 from llada2uni.sampling.guidance import Guidance
-from llada2uni.tokens import TokenError, align_left
+from llada2uni.tokens import TokenError, align_rows
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_multi_image_and_chat(pipe):
 
 def test_cached_equals_uncached_generation(pipe):
     prompt = pipe.tokens.understand_prompt([(_image(pipe, 3, 3), 3, 3)], "Describe.")
-    rows, pads = align_left([prompt], pipe.tokens.ids.mask)
+    rows, pads = align_rows([prompt], pipe.tokens.ids.mask)
     outs = []
     for use_cache in (True, False):
         req = DenoiseRequest(rows=rows, pad_lens=pads, gen_length=70, steps=8, threshold=0.3)
@@ -49,7 +49,7 @@ def test_cached_equals_uncached_generation(pipe):
 
 def test_cfg_scale_one_equals_no_cfg(pipe):
     cond, uncond = pipe.tokens.t2i_prompts("a red cube", 2, 3)
-    rows, pads = align_left([cond, uncond], pipe.tokens.ids.mask)
+    rows, pads = align_rows([cond, uncond], pipe.tokens.ids.mask)
     lo, hi = pipe.image_token_offset, pipe.config.vocab_size
     cfg = DenoiseRequest(rows=rows, pad_lens=pads, gen_length=6, steps=3, vocab=(lo, hi),
                          guidance=Guidance(kind="simple", scale=1.0))
@@ -148,7 +148,7 @@ def test_joining_a_running_batch_is_exact_on_the_backbone(pipe):
     first = DenoiseRequest(rows=[pipe.tokens.understand_prompt([(_image(pipe, 2, 2), 2, 2)], "Hi")],
                            pad_lens=[0], gen_length=120, steps=4)
     cond, uncond = pipe.tokens.t2i_prompts("a red cube", 2, 3)
-    rows, pads = align_left([cond, uncond], mask)
+    rows, pads = align_rows([cond, uncond], mask)
     lo, hi = pipe.image_token_offset, pipe.config.vocab_size
     late = DenoiseRequest(rows=rows, pad_lens=pads, gen_length=6, steps=3, vocab=(lo, hi),
                           guidance=Guidance(kind="simple", scale=3.0))

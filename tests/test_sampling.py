@@ -9,7 +9,6 @@ from llada2uni.sampling.block import DenoiseRequest, generate
 from llada2uni.sampling.guidance import Guidance, cfg_edit, cfg_rescale, cfg_simple, combine
 from llada2uni.sampling.schedules import tokens_per_step
 from llada2uni.sampling.unmask import (
-    confidence_scores,
     restrict_vocab,
     sample_tokens,
     select_transfer,
@@ -85,8 +84,10 @@ def test_tokens_per_step():
     for steps in (1, 3, 7, 31, 32):
         s = tokens_per_step(32, steps)
         assert sum(s) == 32 and len(s) == steps and min(s) >= 1
-    assert tokens_per_step(32, 100) == [1] * 32  # clamped: no zero-token steps
-    assert tokens_per_step(32, 0) == [32]
+    # as the official: steps past the block length are scheduled 0 (threshold-only) steps
+    assert tokens_per_step(32, 40) == [1] * 32 + [0] * 8
+    with pytest.raises(ValueError):
+        tokens_per_step(32, 0)
 
 
 # ---- unmask ----
@@ -124,21 +125,6 @@ def test_sample_tokens_temperature_seeded():
     assert torch.isin(top[:, None], logits.topk(3, -1).indices).any(-1).all()
 
 
-def test_confidence_scores():
-    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0))
-    logits[0, :5] = float("-inf")
-    pred = logits.argmax(-1)
-    p = torch.softmax(logits, -1)
-    assert torch.allclose(confidence_scores(logits, pred), p.max(-1).values)
-    top2 = p.topk(2, -1).values
-    assert torch.allclose(confidence_scores(logits, pred, "top_k_margin"), top2[:, 0] - top2[:, 1])
-    ent = confidence_scores(logits, pred, "neg_entropy")
-    assert torch.isfinite(ent).all() and (ent <= 0).all()
-    assert torch.allclose(ent[1], (p[1] * p[1].log()).sum())
-    with pytest.raises(ValueError):
-        confidence_scores(logits, pred, "bogus")
-
-
 def test_select_transfer():
     conf = torch.tensor([0.2, 0.99, 0.5, 0.97, 0.1, 0.3])
     active = torch.tensor([True, False, True, True, True, True])
@@ -169,7 +155,9 @@ def test_guidance_formulas():
     c, u, n = torch.randn(3, 4, V, generator=torch.Generator().manual_seed(1)).unbind(0)
     assert torch.allclose(cfg_simple(c, u, 2.5), u + 2.5 * (c - u), atol=1e-5)
     assert torch.allclose(cfg_edit(c, u, n, 3.0, 1.5), u + 3.0 * (c - u) + 1.5 * (u - n), atol=1e-5)
-    assert torch.equal(cfg_simple(c, u, 1.0), c)
+    # the official evaluation order, bit for bit (near-tied argmaxes follow the floats)
+    assert torch.equal(cfg_simple(c, u, 2.5), u + 2.5 * (c - u))
+    assert torch.equal(cfg_edit(c, u, n, 3.0, 1.5), u + 3.0 * (c - u) + 1.5 * (u - n))
     rows = torch.stack([c, u, n])
     assert torch.equal(combine(Guidance(), rows[:1]), c)
     assert torch.allclose(combine(Guidance("simple", scale=2.0), rows[:2]), u + 2 * (c - u), atol=1e-5)
@@ -191,6 +179,8 @@ def test_cfg_rescale():
     full = cfg_rescale(g, c, 1.0)
     assert torch.allclose(full.std(-1), c.std(-1), rtol=1e-4)
     assert torch.allclose(full, g * c.std(-1, keepdim=True) / g.std(-1, keepdim=True), rtol=1e-4)
+    half = cfg_rescale(g, c, 0.7)
+    assert torch.equal(half, 0.7 * (g * (c.std(-1, keepdim=True) / (g.std(-1, keepdim=True) + 1e-6))) + 0.3 * g)
     half = combine(Guidance("simple", scale=4.0, rescale=0.5), torch.stack([c, u]))
     assert torch.allclose(half, 0.5 * full + 0.5 * g, atol=1e-5)
 

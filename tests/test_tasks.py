@@ -10,6 +10,7 @@ import torch
 from llada2uni.pipeline import LLaDA2Uni
 from llada2uni.sampling import block as block_mod
 from llada2uni.tiny import TINY_IMAGE_OFFSET
+from llada2uni.tokens import TokenError
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +44,39 @@ def test_generate_image_returns_codes_and_grid(pipe, captured):
     assert all(isinstance(t, int) and 0 <= t < pipe.config.image_vocab_size for t in r["token_ids"])
     (req,), kw = captured[0]
     cond, uncond = pipe.tokens.t2i_prompts("a red cube", 4, 3)
-    pad = len(cond) - len(uncond)
-    assert req.rows == [cond, [pipe.tokens.ids.mask] * pad + uncond] and req.pad_lens == [0, pad]
-    assert req.guidance.kind == "simple" and req.guidance.scale == 3.0
+    # "<uncondition>" is several text tokens, so this short prompt's uncond row is the longer one:
+    # the official cuts it on the left and keeps the conditional layout
+    assert len(uncond) > len(cond)
+    assert req.rows == [cond, uncond[len(uncond) - len(cond):]] and req.pad_lens == [0, 0]
+    assert req.guidance.kind == "simple" and req.guidance.scale == 3.0 and req.guidance.rescale == 0.7
     assert req.vocab == (pipe.image_token_offset, pipe.config.vocab_size)
     assert req.steps == 4 and req.gen_length == 12 and kw["block_length"] == 32
 
 
-def test_cfg_scale_at_most_one_runs_one_row(pipe, captured):
+def test_cfg_scale_one_runs_one_row(pipe, captured):
     pipe.generate_image("x", 64, 64, steps=2, cfg_scale=1.0)
     (req,), _ = captured[0]
     assert len(req.rows) == 1 and req.guidance.kind == "none"
+    pipe.generate_image("x", 64, 64, steps=2, cfg_scale=0.5)  # below 1 still guides, as the official
+    (req,), _ = captured[1]
+    assert len(req.rows) == 2 and req.guidance.scale == 0.5
+
+
+def test_official_defaults_and_sizes(pipe, captured):
+    r = pipe.generate_image("a boat at sea", 100, 200)  # not multiples of 32: grid = side // 2 // 16
+    assert (r["h"], r["w"]) == (3, 6)
+    (req,), _ = captured[0]
+    assert req.steps == 16 and req.guidance.scale == 4.0 and req.guidance.rescale == 0.7
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pipe.generate_image("a boat", 100, 192, strict_sizes=True)
+    # steps are clamped to gen_length // minimal_topk (the official canvas for T2I, h*w for edits)
+    pipe.generate_image("a boat", 64, 64, steps=40, gen_length=20, minimal_topk=2)
+    assert captured[1][0][0].steps == 10
+    pipe.edit_image(_image(pipe, 2, 2), image_h=2, image_w=2, instruction="blue")  # official names
+    (req,), _ = captured[2]
+    assert req.steps == 4 and req.guidance.rescale == 0.7  # 8 steps clamped to the 4 codes
+    with pytest.raises(ValueError, match="disagree"):
+        pipe.edit_image(_image(pipe, 2, 2), 2, 2, "blue", image_h=3)
 
 
 def test_same_seed_same_tokens(pipe):
@@ -78,16 +101,20 @@ def test_thinking_stops_at_boi_and_image_starts_from_it(pipe, captured, monkeypa
 
     def scripted(self, prompt, **kw):
         assert kw["stop_ids"] == frozenset({ids.boi, ids.eos})
-        assert kw["steps"] == 16 and kw["gen_length"] == 100
+        assert kw["steps"] == 16 and kw["gen_length"] == 100 and kw["temperature"] == 0.3
         return written
     monkeypatch.setattr(pl.LLaDA2Uni, "_denoise_text", scripted)
-    r = pipe.generate_image("a cat", 64, 96, steps=2, mode="thinking", thinking_steps=16, thinking_gen_length=100)
+    r = pipe.generate_image("a cat", 64, 96, steps=2, mode="thinking", thinking_steps=16, thinking_gen_length=100,
+                            thinking_temperature=0.3)
     monkeypatch.setattr(pl.LLaDA2Uni, "_denoise_text", real)
     assert r["thinking"] == "ok" and (r["h"], r["w"]) == (2, 3) and len(r["token_ids"]) == 6
     (req,), _ = captured[-1]
-    cond = req.rows[0]
-    # requested size wins: the cond row ends with the trace and a 2x3 header, not the model's 5x5
-    assert cond == pipe.tokens.thinking_prompt("a cat") + pipe.tokens.encode("ok") + pipe.tokens.image_header(2, 3)
+    # the official: phase 2 continues phase 1 verbatim through <boi> (the model's 5x5 header stays);
+    # the requested 2x3 grid is what gets generated
+    assert req.rows[0] == pipe.tokens.thinking_prompt("a cat") + written and req.gen_length == 6
+    monkeypatch.setattr(pl.LLaDA2Uni, "_denoise_text", lambda self, prompt, **kw: pipe.tokens.encode("no"))
+    with pytest.raises(TokenError, match="<boi>"):
+        pipe.generate_image("a cat", 64, 96, mode="thinking")
 
 
 def test_edit_output_grid_is_source_grid(pipe, captured):
@@ -108,7 +135,9 @@ def test_multi_reference_edit(pipe, captured):
     (req,), _ = captured[0]
     assert req.rows[0][-4 - 0:] == pipe.tokens.image_header(2, 2)
     expected = pipe.tokens.edit_prompts([(a, 2, 2), (b, 3, 2)], "combine them", 2, 2, image_guidance=True)
-    assert [row[p:] for row, p in zip(req.rows, req.pad_lens)] == expected
+    assert req.rows[0] == expected[0]
+    for row, pad, want in zip(req.rows[1:], req.pad_lens[1:], expected[1:]):  # aligned to the cond row
+        assert row[pad:] == want[max(0, len(want) - len(row)):]
     r = pipe.edit_image([a, b], [2, 3], [2, 2], "combine", output_h=1, output_w=3, steps=2)
     assert (r["h"], r["w"]) == (1, 3)
 
@@ -164,16 +193,18 @@ def test_interleave_parses_model_written_headers(pipe, monkeypatch):
 
 @pytest.mark.parametrize("call, message", [
     (lambda p: p.generate_image("", 64, 64), "non-empty"),
-    (lambda p: p.generate_image("x", 100, 64), "multiple of 32"),
+    (lambda p: p.generate_image("x", 20, 64), ">= 32"),
+    (lambda p: p.generate_image("x", 100, 64, strict_sizes=True), "multiple of 32"),
     (lambda p: p.generate_image("x", 64, 64, steps=0), "steps"),
-    (lambda p: p.generate_image("x", 64, 64, cfg_scale=-1), "cfg_scale"),
+    (lambda p: p.generate_image("x", 64, 64, cfg_scale=float("nan")), "cfg_scale"),
+    (lambda p: p.generate_image("x", 64, 64, cfg_rescale=1.5), "cfg_rescale"),
     (lambda p: p.generate_image("x", 64, 64, mode="fast"), "mode"),
     (lambda p: p.generate_image("x", 4096, 4096), "reserved token"),
     (lambda p: p.generate_image("x", 64, 64, mode="thinking", thinking_gen_length=5000), "context"),
     (lambda p: p.edit_image(None, 2, 2, "x"), "source image"),
     (lambda p: p.edit_image([], 2, 2, "x"), "source image"),
     (lambda p: p.edit_image([TINY_IMAGE_OFFSET] * 4, 2, 2, ""), "instruction"),
-    (lambda p: p.edit_image([TINY_IMAGE_OFFSET] * 4, 2, 2, "x", cfg_image_scale=-2), "cfg_image_scale"),
+    (lambda p: p.edit_image([TINY_IMAGE_OFFSET] * 4, 2, 2, "x", cfg_image_scale=float("inf")), "cfg_image_scale"),
     (lambda p: p.edit_image([[TINY_IMAGE_OFFSET] * 1600] * 3, [40] * 3, [40] * 3, "x"), "context"),
     (lambda p: p.interleave(""), "non-empty"),
 ])

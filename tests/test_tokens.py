@@ -14,9 +14,9 @@ import torch
 from tokenizers import Tokenizer
 
 from llada2uni.tiny import tiny_config, write_tiny_tokenizer
-from llada2uni.tokens import SpecialIds, TokenError, Tokens, align_left
+from llada2uni.tokens import SpecialIds, TokenError, Tokens, align_rows
 
-EOS, MASK, ROLE, EROLE, UNC, SOI, EOI, BOI, ROLE_END = 256, 257, 258, 259, 260, 261, 262, 263, 264
+EOS, MASK, ROLE, EROLE, SOI, EOI, BOI, ROLE_END = 256, 257, 258, 259, 261, 262, 263, 264
 OFFSET = 336
 
 
@@ -46,6 +46,10 @@ BYTE = _byte_to_id()
 
 def t(text):
     return [BYTE[b] for b in text.encode("utf-8")]
+
+
+# "<uncondition>" is no special token in the real tokenizer (nor in the tiny one): plain text
+UNC_IDS = t("<uncondition>")
 
 
 def SYS(x):
@@ -184,13 +188,18 @@ def test_parse_image_header(tok):
 
 
 def test_understand_one_image(tok):
+    # the official understand_image: image block then question, no chat turns
+    assert tok.understand_prompt([(IMG_A, 2, 3)], "What?") == BLOCK_A + t("What?")
     expected = UND + HUMAN + BLOCK_A + t("What?") + ASSIST
-    assert tok.understand_prompt([(IMG_A, 2, 3)], "What?") == expected
+    assert tok.understand_prompt([(IMG_A, 2, 3)], "What?", template="chat") == expected
+    with pytest.raises(TokenError, match="template"):
+        tok.understand_prompt([(IMG_A, 2, 3)], "What?", template="nope")
 
 
 def test_understand_two_images(tok):
+    assert tok.understand_prompt([(IMG_A, 2, 3), (IMG_B, 1, 2)], "Compare.") == BLOCK_A + BLOCK_B + t("Compare.")
     expected = UND + HUMAN + BLOCK_A + BLOCK_B + t("Compare.") + ASSIST
-    assert tok.understand_prompt([(IMG_A, 2, 3), (IMG_B, 1, 2)], "Compare.") == expected
+    assert tok.understand_prompt([(IMG_A, 2, 3), (IMG_B, 1, 2)], "Compare.", template="chat") == expected
 
 
 def test_chat_matches_understand(tok):
@@ -198,7 +207,8 @@ def test_chat_matches_understand(tok):
                 {"role": "user", "content": [{"type": "text", "text": "Compare."},
                                              {"type": "image", "tokens": IMG_A, "h": 2, "w": 3},
                                              {"type": "image", "tokens": IMG_B, "h": 1, "w": 2}]}]
-    assert tok.chat_prompt(messages) == tok.understand_prompt([(IMG_A, 2, 3), (IMG_B, 1, 2)], "Compare.")
+    assert tok.chat_prompt(messages) == tok.understand_prompt([(IMG_A, 2, 3), (IMG_B, 1, 2)], "Compare.",
+                                                               template="chat")
 
 
 def test_chat_two_turns(tok):
@@ -222,36 +232,45 @@ def test_chat_errors(tok):
 def test_t2i_prompts(tok):
     cond, uncond = tok.t2i_prompts("a dog", 4, 5)
     assert cond == T2I + HUMAN + t("a dog") + ASSIST + [261, 269, 270, 263]
-    assert uncond == T2I + HUMAN + [UNC] + ASSIST + HDR(4, 5)
+    assert uncond == T2I + HUMAN + UNC_IDS + ASSIST + HDR(4, 5)
 
 
 def test_thinking_phase1(tok):
     assert tok.thinking_prompt("a dog") == SYS(THINK_SYS) + HUMAN + t("a dog") + ASSIST
 
 
-def test_thinking_phase2_strips_model_header_and_requested_size_wins(tok):
-    # The model thought "Hmm", wrote its own 7x9 header, then <boi> and some leftovers.
+def test_thinking_phase2_continues_phase1_verbatim(tok):
+    # The model thought "Hmm", wrote its own 7x9 header, then <boi> and some leftovers: phase 2
+    # continues that output through its first <boi>, as the official code does; the requested
+    # size only shapes the uncond row and the number of codes generated.
     out = t("Hmm") + [SOI, R(7), R(9), BOI] + t("x") + [EOS]
     cond, uncond = tok.thinking_image_prompts("a dog", out, 4, 5)
-    assert cond == SYS(THINK_SYS) + HUMAN + t("a dog") + ASSIST + t("Hmm") + HDR(4, 5)
-    no_space_sys = [ROLE] + t("SYSTEM") + [EROLE] + t(THINK_SYS)
-    assert uncond == no_space_sys + HUMAN + [UNC] + ASSIST + HDR(4, 5)
+    assert cond == SYS(THINK_SYS) + HUMAN + t("a dog") + ASSIST + t("Hmm") + [SOI, R(7), R(9), BOI]
+    # the uncond system turn has the spaces of the other turns (the official _build_chat)
+    assert uncond == SYS(THINK_SYS) + HUMAN + UNC_IDS + ASSIST + HDR(4, 5)
     assert tok.thinking_text(out) == "Hmm"
 
 
-def test_thinking_phase2_bare_boi_and_eos(tok):
+def test_thinking_phase2_bare_boi_and_no_boi(tok):
     phase1 = SYS(THINK_SYS) + HUMAN + t("a") + ASSIST
     cond, _ = tok.thinking_image_prompts("a", t("ok") + [BOI], 2, 2)
-    assert cond == phase1 + t("ok") + HDR(2, 2)
-    cond, _ = tok.thinking_image_prompts("a", t("ok") + [EOS, EOS], 2, 2)  # stopped at EOS, no <boi>
-    assert cond == phase1 + t("ok") + HDR(2, 2)
+    assert cond == phase1 + t("ok") + [BOI]
+    for ended in (t("ok") + [EOS, BOI], t("ok")):  # EOS first, or no <boi> at all: an error
+        with pytest.raises(TokenError, match="<boi>"):
+            tok.thinking_image_prompts("a", ended, 2, 2)
     assert tok.thinking_text(torch.tensor(t("ok") + [SOI, R(3), BOI])) == "ok"
+
+
+def test_align_rows_keeps_the_conditional_layout():
+    rows, pads = align_rows([[1, 2, 3, 4], [7, 8], [5, 6, 7, 8, 9, 10]], 0)
+    # shorter: left-padded; longer: cut on the left, as the official code does
+    assert rows == [[1, 2, 3, 4], [0, 0, 7, 8], [7, 8, 9, 10]] and pads == [0, 2, 0]
 
 
 def test_edit_prompts(tok):
     rows = tok.edit_prompts([(IMG_A, 2, 3)], "make it red", 2, 3, image_guidance=False)
     assert rows == [EDIT + HUMAN + BLOCK_A + t("make it red") + ASSIST + HDR(2, 3),
-                    EDIT + HUMAN + BLOCK_A + [UNC] + ASSIST + HDR(2, 3)]
+                    EDIT + HUMAN + BLOCK_A + UNC_IDS + ASSIST + HDR(2, 3)]
     rows = tok.edit_prompts([(IMG_A, 2, 3)], "make it red", 2, 3, image_guidance=True)
     assert len(rows) == 3
     assert rows[2] == EDIT + HUMAN + [SOI] + t("make it red") + ASSIST + HDR(2, 3)
@@ -260,7 +279,7 @@ def test_edit_prompts(tok):
 def test_edit_multi_reference(tok):
     rows = tok.edit_prompts([(IMG_A, 2, 3), (IMG_B, 1, 2)], "merge", 3, 3, image_guidance=True)
     assert rows == [EDIT + HUMAN + BLOCK_A + BLOCK_B + t("merge") + ASSIST + HDR(3, 3),
-                    EDIT + HUMAN + BLOCK_A + BLOCK_B + [UNC] + ASSIST + HDR(3, 3),
+                    EDIT + HUMAN + BLOCK_A + BLOCK_B + UNC_IDS + ASSIST + HDR(3, 3),
                     EDIT + HUMAN + [SOI, SOI] + t("merge") + ASSIST + HDR(3, 3)]
     with pytest.raises(TokenError, match="at least one"):
         tok.edit_prompts([], "x", 2, 2, image_guidance=False)
@@ -269,23 +288,23 @@ def test_edit_multi_reference(tok):
 def test_interleave(tok):
     prompt = tok.interleave_prompt("story")
     assert prompt == INTER + HUMAN + t("story") + ASSIST
-    assert tok.interleave_uncond_first(2, 3) == INTER + HUMAN + [UNC] + ASSIST + HDR(2, 3)
+    assert tok.interleave_uncond_first(2, 3) == INTER + HUMAN + UNC_IDS + ASSIST + HDR(2, 3)
 
     history = prompt + t("one") + HDR(1, 2) + IMG_B + [EOI] + t("two")
     u, ui = tok.interleave_uncond_later(history, t("two"), 2, 3)
-    assert u == prompt + t("one") + HDR(1, 2) + IMG_B + [EOI] + [UNC] + HDR(2, 3)
-    assert ui == INTER + HUMAN + [UNC] + ASSIST + t("two") + HDR(2, 3)
+    assert u == prompt + t("one") + HDR(1, 2) + IMG_B + [EOI] + UNC_IDS + HDR(2, 3)
+    assert ui == INTER + HUMAN + UNC_IDS + ASSIST + t("two") + HDR(2, 3)
     # a model-written header at the end of the current text is not doubled
     assert tok.interleave_uncond_later(history, t("two") + HDR(2, 3), 2, 3) == [u, ui]
     with pytest.raises(TokenError, match="interleave_uncond_first"):
         tok.interleave_uncond_later(prompt, t("x"), 2, 3)
 
 
-def test_align_left():
-    rows, pads = align_left([[1, 2, 3], [4], [5, 6]], 9)
+def test_align_rows():
+    rows, pads = align_rows([[1, 2, 3], [4], [5, 6]], 9)
     assert rows == [[1, 2, 3], [9, 9, 4], [9, 5, 6]]
     assert pads == [0, 2, 1]
-    assert align_left([], 9) == ([], [])
+    assert align_rows([], 9) == ([], [])
 
 
 def test_decode_skips_specials_and_image_ids(tok):

@@ -84,6 +84,8 @@ def cases() -> list[dict]:
         cache_warmup_steps=2, text_keep_ratio=0.5)
     add("understand_sprint_kr1_w1", "plain", "understand", **und, use_sprint=True, keep_ratio=1.0,
         cache_warmup_steps=1)
+    add("understand_sprint_img1_text05", "plain", "understand", **und, use_sprint=True, keep_ratio=0.7,
+        cache_warmup_steps=1, image_keep_ratio=1.0, text_keep_ratio=0.5)
     add("understand_sprint_w0", "plain", "understand", **und, use_sprint=True, keep_ratio=0.5,
         cache_warmup_steps=0)
     # text-to-image: short prompt (uncond row longer than cond), long prompt (uncond padded)
@@ -105,6 +107,8 @@ def cases() -> list[dict]:
         cache_warmup_steps=2, text_keep_ratio=0.5)
     add("t2i_sprint_kr1_w2", "plain", "t2i", **t2i_sprint, use_sprint=True, keep_ratio=1.0,
         cache_warmup_steps=2, image_keep_ratio=1.0)
+    add("t2i_sprint_kr07_text05", "plain", "t2i", **t2i_sprint, use_sprint=True, keep_ratio=0.7,
+        cache_warmup_steps=1, text_keep_ratio=0.5)
     add("t2i_sprint_short", "plain", "t2i", prompt="a fox", image_h=192, image_w=192, use_sprint=True,
         keep_ratio=0.5, cache_warmup_steps=1, text_keep_ratio=0.5)
     # thinking: phase 1 writes text then <boi>; phase 2 continues from it verbatim
@@ -118,6 +122,8 @@ def cases() -> list[dict]:
     add("edit_image_cfg", "plain", "edit", **edit, cfg_image_scale=1.5)
     add("edit_rect", "plain", "edit", image_tokens=img4x5, image_h=4, image_w=5, instruction="more red",
         cfg_text_scale=3.0, cfg_image_scale=1.2, steps=4)
+    add("edit_steps_clamp", "plain", "edit", image_tokens=image_ids(13, 2, 3), image_h=2, image_w=3,
+        instruction="turn it into a night scene", steps=8, cfg_image_scale=1.0)
     # plain text generation (generate_bd) with EOS, steps clamp, SPRINT
     text = "The quick brown fox jumps over the lazy dog. " * 2
     add("text_eos", "eos", "text", prompt=text, gen_length=128, steps=32)
@@ -129,6 +135,8 @@ def cases() -> list[dict]:
         keep_ratio=0.5, cache_warmup_steps=2, text_keep_ratio=0.5)
     add("text_sprint_minimal_topk", "plain", "text", prompt=text, gen_length=96, steps=32, use_sprint=True,
         keep_ratio=0.5, cache_warmup_steps=1, text_keep_ratio=0.5, minimal_topk=3)
+    add("text_sprint_steps_clamp", "plain", "text", prompt=text, gen_length=16, steps=32, use_sprint=True,
+        keep_ratio=0.5, cache_warmup_steps=1, text_keep_ratio=0.5)
     add("text_sprint_eos", "eos", "text", prompt=text, gen_length=128, steps=32, use_sprint=True,
         keep_ratio=0.7, cache_warmup_steps=2)
     return out

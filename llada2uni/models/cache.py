@@ -21,6 +21,7 @@ from torch import Tensor
 @dataclass
 class _View:
     start: int
+    idx: Tensor  # [layers, R, K] physical indices of each layer's kept prefix keys
     valid: Tensor  # [R, K] bool; rows keep different counts: the rest are invisible pads
     k: Tensor  # [layers, R, Hkv, K + T, D]: kept prefix, then the window
     v: Tensor
@@ -105,7 +106,7 @@ class KVCache:
         v = self.v.new_empty(layers, rows, heads, kept + end - start, dim)
         k[:, :, :, :kept] = self.k.gather(3, gather)
         v[:, :, :, :kept] = self.v.gather(3, gather)
-        self.view = _View(start, valid, k, v)
+        self.view = _View(start, idx, valid, k, v)
 
     def clear_view(self) -> None:
         self.view = None
