@@ -85,12 +85,13 @@ def _add_sprint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache_warmup_steps", type=int, default=2,
                    help="steps of each block run against the full prefix")
     g.add_argument("--image_keep_ratio", type=float, default=None,
-                   help="keep ratio of image tokens (default: --keep_ratio)")
+                   help=">= 1 pins (always keeps) image keys; other values do nothing (as the official)")
     g.add_argument("--text_keep_ratio", type=float, default=None,
-                   help="keep ratio of text tokens (default: --keep_ratio)")
+                   help="unset or >= 1 pins text keys; other values unpin them (as the official)")
     g.add_argument("--confidence_alpha", type=float, default=0.5,
-                   help="weight of token confidence in the importance score")
-    g.add_argument("--remasking", choices=["low_confidence", "top_k_margin", "neg_entropy"],
+                   help="weight of the key-norm term in the importance score (1 - alpha: confidence)")
+    g.add_argument("--minimal_topk", type=int, default=1, help="least positions a step commits")
+    g.add_argument("--remasking", choices=["low_confidence", "top_k_margin", "neg_entropy", "random"],
                    default="low_confidence", help="confidence that ranks the positions to commit")
 
 
@@ -98,7 +99,7 @@ def _sprint_kwargs(args) -> dict:
     return dict(use_sprint=args.use_sprint, keep_ratio=args.keep_ratio,
                 cache_warmup_steps=args.cache_warmup_steps, image_keep_ratio=args.image_keep_ratio,
                 text_keep_ratio=args.text_keep_ratio, confidence_alpha=args.confidence_alpha,
-                remasking=args.remasking)
+                remasking=args.remasking, minimal_topk=args.minimal_topk)
 
 
 def cmd_make_tiny(args) -> int:
@@ -123,7 +124,8 @@ def cmd_t2i(args) -> int:
     pipe = _load(args)
     kw = dict(steps=args.steps, cfg_scale=args.cfg_scale, mode=args.mode, block_length=args.block_length,
               thinking_steps=args.thinking_steps, thinking_gen_length=args.thinking_gen_length,
-              threshold=args.threshold, **_sprint_kwargs(args))
+              threshold=args.threshold, cfg_rescale=args.cfg_rescale, strict_sizes=args.strict_sizes,
+              **_sprint_kwargs(args))
     results = []
     if args.mode == "thinking":
         results = [pipe.generate_image(p, args.image_h, args.image_w, seed=args.seed, **kw) for p in prompts]
@@ -144,7 +146,7 @@ def cmd_t2i(args) -> int:
 def cmd_understand(args) -> int:
     pipe = _load(args)
     items, hs, ws = _sources(pipe, args)
-    answer = pipe.understand_image(items, hs, ws, question=args.question, steps=args.steps,
+    answer = pipe.understand_image(items, hs, ws, question=args.question, steps=args.steps, template=args.template,
                                    gen_length=args.gen_length, block_length=args.block_length,
                                    threshold=args.threshold, seed=args.seed, **_sprint_kwargs(args))
     print(answer)
@@ -156,7 +158,7 @@ def cmd_edit(args) -> int:
     items, hs, ws = _sources(pipe, args)
     r = pipe.edit_image(items, hs, ws, instruction=args.instruction, steps=args.steps,
                         block_length=args.block_length, cfg_text_scale=args.cfg_text_scale,
-                        cfg_image_scale=args.cfg_image_scale, seed=args.seed)
+                        cfg_image_scale=args.cfg_image_scale, cfg_rescale=args.cfg_rescale, seed=args.seed)
     image = pipe.decode_tokens(r["token_ids"], r["h"], r["w"], mode=args.decode_mode, steps=args.decoder_steps,
                                resolution_multiplier=args.resolution_multiplier, seed=args.seed)
     print(f"{_save(image, Path(args.output))}  ({image.width}x{image.height})")
@@ -264,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt")
     p.add_argument("--prompts_file", help="one prompt per line")
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--cfg_scale", type=float, default=4.0)
+    p.add_argument("--cfg_scale", type=float, default=4.0, help="guidance runs whenever it is not 1")
+    p.add_argument("--cfg_rescale", type=float, default=0.7, help="std rescale of the guided logits, 0..1")
+    p.add_argument("--strict_sizes", action="store_true",
+                   help="reject sides that are not multiples of 32 (default: grid = side // 32, as the official)")
     p.add_argument("--image_h", type=int, default=512)
     p.add_argument("--image_w", type=int, default=512)
     p.add_argument("--block_length", type=int, default=32)
@@ -284,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", help="image file (repeatable for several images)")
     p.add_argument("--image_token", help=".pt file with semantic_token_ids and metadata.processed_size")
     p.add_argument("--question", default="")
+    p.add_argument("--template", choices=["official", "chat"], default="official",
+                   help="official: image then question, as the official code; chat: inside chat turns")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--block_length", type=int, default=32)
     p.add_argument("--gen_length", type=int, default=2048)
@@ -301,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block_length", type=int, default=32)
     p.add_argument("--cfg_text_scale", type=float, default=4.0)
     p.add_argument("--cfg_image_scale", type=float, default=0.0)
+    p.add_argument("--cfg_rescale", type=float, default=0.7, help="std rescale of the guided logits, 0..1")
     _add_decode_args(p)
     p.add_argument("--output", default="edited.png")
     p.add_argument("--seed", type=int, default=42)

@@ -289,15 +289,27 @@ class Tokens:
             return self._join(system_turn(SYSTEM_UNDERSTAND), HUMAN, *self._blocks(images), question, ASSIST)
         raise TokenError(f"unknown understanding template {template!r} (expected 'official' or 'chat')")
 
-    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
+    def chat_prompt(self, messages: Sequence[dict], official_single_turn: bool = True) -> list[int]:
         """Multi-turn understanding chat, laid out as SGLang-Omni lays it out (unvalidated against HF).
+
+        With ``official_single_turn`` (the default), a conversation that is one user message holding
+        images (system messages aside) is what the official ``understand_image`` sends instead
+        (``understand_prompt(..., "official")``: no chat turns); every other conversation uses the
+        chat turns below.
 
         The HF API is single-turn; the multi-turn format (``HUMAN``/``ASSIST`` turns concatenated with
         nothing between them, no EOS after answers) is SGLang-Omni's and is unvalidated. System
         messages are dropped, as SGLang does: the understanding system text is always used. A user
         message puts all its images first, in order, then its text parts joined with nothing between.
-        One user message holding images and a question gives ``understand_prompt(..., "chat")``.
+        With ``official_single_turn=False``, one user message holding images and a question gives
+        ``understand_prompt(..., "chat")``.
         """
+        turns = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
+        if official_single_turn and len(turns) == 1 and isinstance(turns[0], dict) \
+                and turns[0].get("role") == "user":
+            images, text = self._content(turns[0].get("content", ""))
+            if images:
+                return self.understand_prompt(images, text, "official")
         pieces: list[Piece] = [system_turn(SYSTEM_UNDERSTAND)]
         last_role = None
         for message in messages:

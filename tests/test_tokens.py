@@ -207,8 +207,10 @@ def test_chat_matches_understand(tok):
                 {"role": "user", "content": [{"type": "text", "text": "Compare."},
                                              {"type": "image", "tokens": IMG_A, "h": 2, "w": 3},
                                              {"type": "image", "tokens": IMG_B, "h": 1, "w": 2}]}]
-    assert tok.chat_prompt(messages) == tok.understand_prompt([(IMG_A, 2, 3), (IMG_B, 1, 2)], "Compare.",
-                                                               template="chat")
+    # one user turn with images: the official understanding layout; else the chat turns
+    assert tok.chat_prompt(messages) == tok.understand_prompt([(IMG_A, 2, 3), (IMG_B, 1, 2)], "Compare.")
+    assert tok.chat_prompt(messages, official_single_turn=False) == tok.understand_prompt(
+        [(IMG_A, 2, 3), (IMG_B, 1, 2)], "Compare.", template="chat")
 
 
 def test_chat_two_turns(tok):

@@ -562,7 +562,8 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
             check_sides(width, height, max_side=config.max_side, param="image_generation.image_h/image_w")
         else:
             width, height = parse_size(config.default_size, max_side=config.max_side)
-        common = dict(pipe=state.pipe, prompt=prompt, n=1, steps=opts.dllm_steps, seed=seed, decode=True,
+        steps = opts.dllm_steps if opts.dllm_steps is not None else (8 if pictures else 16)
+        common = dict(pipe=state.pipe, prompt=prompt, n=1, steps=steps, seed=seed, decode=True,
                       decode_mode=decode_mode(opts.decode_mode), decoder_steps=opts.decoder_steps,
                       temperature=body.temperature)
         if pictures:

@@ -47,9 +47,9 @@ class ImageGenerationBody(_Body):
     response_format: str = "b64_json"  # b64_json, or "tokens" (extension: codes only, no decoding)
     seed: Seed | None = None
     stream: bool = False
-    # extensions
-    steps: Steps = 8
-    cfg_scale: Scale = 2.0
+    # extensions (defaults: the official generate_image's)
+    steps: Steps = 16
+    cfg_scale: Scale = 4.0
     mode: Literal["normal", "thinking"] = "normal"
     thinking_steps: Steps = 32
     thinking_max_tokens: Annotated[int, Field(ge=1, le=8192)] = 1024
@@ -106,13 +106,13 @@ class ImageOptions(_Body):
     decode_mode: DecodeMode = "turbo"
     decoder_steps: DecoderSteps | None = None
     seed: Seed | None = None
-    cfg_scale: Scale = 2.0
+    cfg_scale: Scale = 4.0
     cfg_text_scale: Scale = 4.0
     cfg_image_scale: Scale = 0.0
     image_h: int | None = None
     image_w: int | None = None
     size: str | None = None
-    dllm_steps: Steps = 8
+    dllm_steps: Steps | None = None  # default: the official 16 (generation) / 8 (editing)
 
 
 class ChatBody(_Body):
