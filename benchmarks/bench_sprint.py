@@ -5,8 +5,8 @@
 
 Tasks (the two SPRINT serves): "mmu" = understanding, image tokens + question, a text canvas, one row;
 "t2i" = text prompt, an image canvas restricted to image codes, simple CFG (two rows, left-padded).
-Configs: "baseline" (cached block loop, fixed schedule); "reuse" (SPRINT, keep ratios 1.0: adaptive
-unmasking + prefix reuse, no pruning); "sprint" (SGLang-Omni's defaults: keep 0.7, warm-up 2);
+Configs: "baseline" (cached block loop, fixed schedule); "reuse" (SPRINT, keep ratio 1.0: adaptive
+unmasking + prefix reuse, no pruning); "sprint" (the official defaults: keep 0.7, warm-up 2);
 "sprint-0.5" (the model card's keep 0.5, warm-up 1). All at threshold 0.95 and the same steps.
 
 Random weights give flat predictions, so no token ever passes the threshold and every block takes
@@ -38,7 +38,7 @@ from llada2uni.pipeline import BackboneLogits
 from llada2uni.sampling.block import DenoiseRequest, generate
 from llada2uni.sampling.guidance import Guidance
 from llada2uni.sampling.sprint import Sprint
-from llada2uni.tokens import align_left
+from llada2uni.tokens import align_rows
 
 CONFIGS = {
     "baseline": None,
@@ -87,7 +87,7 @@ def full_setup(args):
 def requests(task, cfg, mmu, t2i, args):
     if task == "mmu":
         return [DenoiseRequest(rows=mmu, pad_lens=[0], gen_length=args.mmu_gen, steps=args.mmu_steps)]
-    rows, pads = align_left(t2i, cfg.mask_token_id)
+    rows, pads = align_rows(t2i, cfg.mask_token_id)
     return [DenoiseRequest(rows=rows, pad_lens=pads, gen_length=args.t2i_grid ** 2, steps=args.t2i_steps,
                            guidance=Guidance("simple", scale=2.0),
                            vocab=(cfg.image_token_offset, cfg.vocab_size))]
@@ -107,8 +107,8 @@ def run(fn, reqs, cfg, sprint, device):
 def kept_fraction(out) -> float | None:
     kept = total = 0
     for s in out.pruned:
-        kept += sum(s.text_kept) + sum(s.image_kept)
-        total += sum(s.text_total) + sum(s.image_total)
+        kept += sum(s.kept)
+        total += sum(s.total)
     return kept / total if total else None
 
 
