@@ -180,11 +180,13 @@ async def run_level(base: str, clients: int, requests: int, args) -> dict:
     return out
 
 
-async def warm_up(base: str, args) -> None:
+async def warm_up(base: str, args, server=None) -> None:
     import httpx
     async with httpx.AsyncClient(base_url=base, timeout=args.client_timeout) as http:
         deadline = time.monotonic() + args.start_timeout
         while True:
+            if server is not None and server.poll() is not None:  # died while starting: say so now
+                raise SystemExit(f"the server exited with code {server.returncode} before it was ready")
             try:
                 if (await http.get("/ready")).status_code == 200:
                     break
@@ -240,7 +242,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     levels = []
     try:
-        asyncio.run(warm_up(base, args))
+        asyncio.run(warm_up(base, args, server))
         sweep = [int(c) for c in args.clients.split(",")]
         warmup = max(sweep) if args.warmup is None else args.warmup
         if warmup:  # batch shapes seen once (compilation, graph capture) before measuring
