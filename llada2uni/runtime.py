@@ -11,6 +11,8 @@ eagerly. ``eager=True`` turns graphs off; the clear ``BackboneLogits`` remains t
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,6 +21,60 @@ from .models.backbone import LLaDA2MoeForLM, MoE, apply_partial_rope, rope_cos_s
 from .models.cache import KVCache
 from .ops.attention import attend, block_causal_mask, rope_positions
 from .ops.moe import experts_grouped, experts_reference, grouped_supported, route
+
+
+log = logging.getLogger(__name__)
+
+
+class _Compiled:
+    """``torch.compile`` of one step part, for the shapes real traffic sends.
+
+    Activation sizes are symbolic, so every row count, window length (32/64-token steps and prefill
+    windows of any length) and cache size shares one graph; only Dynamo's 0/1 size specialisation
+    adds a second (one row). Should compilation still fail (the recompile limit, an unsupported op),
+    the part falls back to eager for good, with one warning, instead of failing the request.
+    ``compiles`` counts the graphs Dynamo handed to the backend.
+    """
+
+    def __init__(self, fn, dims: dict[int, tuple[int, ...]], backend="inductor") -> None:
+        self.eager = fn
+        self.dims = dims  # argument index -> its sizes that vary with traffic (rows, tokens, cache)
+        self.compiles = 0
+
+        def counting(gm, example_inputs):
+            self.compiles += 1
+            if backend == "eager":
+                return gm.forward
+            from torch._inductor.compile_fx import compile_fx
+            return compile_fx(gm, example_inputs)
+        self.fn = torch.compile(fn, dynamic=False, fullgraph=True, backend=counting)
+        self.failed = False
+
+    def _mark(self, args) -> None:
+        # Only the traffic sizes are symbolic; weights, head counts and widths stay static, so the
+        # kernels still specialise on the model's own sizes.
+        for i, dims in self.dims.items():
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(args[i], dim)
+
+    def __call__(self, *args):
+        if self.failed:
+            return self.eager(*args)
+        try:
+            self._mark(args)
+            # No duck sizing: a window length equal to, say, the row count must not tie the two.
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                return self.fn(*args)
+        except torch._dynamo.exc.TorchDynamoException as e:  # unsupported ops, backend failures
+            self._fall_back(e)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            self._fall_back(e)
+        return self.eager(*args)
+
+    def _fall_back(self, error: Exception) -> None:
+        self.failed = True
+        log.warning("torch.compile of %s failed (%s: %s); running it eagerly from now on",
+                    getattr(self.eager, "__name__", "a step part"), type(error).__name__, str(error)[:200])
 
 
 def use_grouped_moe(model: LLaDA2MoeForLM) -> bool:
@@ -83,12 +139,19 @@ class StaticStep:
     differently, so compiled logits agree to bf16 tolerance, not bit for bit.
     """
 
-    def __init__(self, model: LLaDA2MoeForLM, *, compile: bool = False) -> None:
+    def __init__(self, model: LLaDA2MoeForLM, *, compile: bool = False, backend: str = "inductor") -> None:
         self.model = model
-        wrap = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
-        self.attention = wrap(_attention_part)
-        self.router = wrap(_router_part)
-        self.combine = wrap(_combine_part)
+        wrap = (lambda f, dims: _Compiled(f, dims, backend)) if compile else (lambda f, dims: f)
+        # h, cos, sin [R, T, .]; caches [R, Hkv, S, D]; write_index [T]; mask [R, 1, T, S]
+        self.attention = wrap(_attention_part, {0: (0, 1), 1: (0, 1), 2: (0, 1), 3: (0, 2), 4: (0, 2), 5: (0,),
+                                                6: (0, 2, 3)})
+        self.router = wrap(_router_part, {0: (0,)})  # x [R*T, H]
+        self.combine = wrap(_combine_part, {0: (0, 1), 1: (0, 1), 2: (0, 1)})  # h, routed, x [R, T, H]
+
+    @property
+    def compiles(self) -> int:
+        """Graphs compiled so far over the three parts (0 when not compiling)."""
+        return sum(getattr(p, "compiles", 0) for p in (self.attention, self.router, self.combine))
 
     def __call__(self, ids, positions, write_index, mask, cache, num_logits) -> Tensor:
         model, cfg = self.model, self.model.config

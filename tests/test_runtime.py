@@ -100,3 +100,51 @@ def test_image_side_on_another_device(tiny_dir):
     assert image.size == (64, 64)
     assert next(pipe.image_decoder.vae.parameters()).device.type == "cpu"
     assert pipe.model.device.type == "cuda"
+
+
+def test_compiled_step_never_recompiles_or_fails_under_traffic_shapes(tiny_model):
+    """Many prompt lengths, row counts and cache sizes through the compiled step (Dynamo's guards, the
+    eager backend so the test is fast) with the recompile limit lowered to 2: no failure, no fallback,
+    a bounded number of graphs, and the logits of the uncompiled step."""
+    import torch._dynamo
+
+    from llada2uni.runtime import StaticStep
+    torch._dynamo.reset()
+    eager = FastBackboneLogits(tiny_model, eager=True)
+    fast = FastBackboneLogits(tiny_model, eager=True)
+    fast.step = StaticStep(tiny_model, compile=True, backend="eager")
+    g = torch.Generator().manual_seed(5)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for rows, prompt in [(1, 40), (2, 75), (3, 130), (2, 33), (5, 64), (1, 200), (4, 97), (7, 20)]:
+            ids = torch.randint(0, tiny_model.config.vocab_size, (rows, prompt + 64), generator=g)
+            pads = torch.randint(0, 5, (rows,), generator=g)
+            start = prompt // 32 * 32
+            spans = [(0, start + 32), (start, start + 64), (start + 32, start + 64)]  # prefill, 64 and 32
+            for a, b in zip(_window_logits(eager, ids, pads, spans), _window_logits(fast, ids, pads, spans)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    parts = (fast.step.attention, fast.step.router, fast.step.combine)
+    assert not any(p.failed for p in parts)
+    assert all(p.compiles <= 2 for p in parts)  # one dynamic graph, plus the one-row specialisation
+
+
+def test_compiled_step_falls_back_to_eager_when_compilation_fails(tiny_model, monkeypatch, caplog):
+    import logging
+
+    import torch._dynamo
+
+    from llada2uni.runtime import StaticStep
+    torch._dynamo.reset()
+    step = StaticStep(tiny_model, compile=True, backend="eager")
+
+    def broken(*args):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile limit hit")
+    monkeypatch.setattr(step.router, "fn", broken)
+    fast = FastBackboneLogits(tiny_model, eager=True)
+    ref = FastBackboneLogits(tiny_model, eager=True)
+    fast.step = step
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
+    pads = torch.tensor([0, 3])
+    with caplog.at_level(logging.WARNING, logger="llada2uni"):
+        got = _window_logits(fast, ids, pads, [(0, 96)])
+    assert step.router.failed and "eagerly" in caplog.text
+    torch.testing.assert_close(got[0], _window_logits(ref, ids, pads, [(0, 96)])[0], rtol=1e-5, atol=1e-5)
