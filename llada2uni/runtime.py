@@ -197,35 +197,66 @@ class FastBackboneLogits:
         self.step = StaticStep(model, compile=compile and self.grouped)
 
     CACHE_QUANTUM = 512
+    POOL = 4  # caches (and their graphs) kept for reuse across generations
+
+    @staticmethod
+    def row_bucket(rows: int) -> int:
+        """Rows are padded to a power of two, as serving engines pad to captured batch sizes: a batch
+        of any size reuses the graphs of its bucket."""
+        return 1 << max(0, rows - 1).bit_length()
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
-        """A cache for ``rows`` x ``max_len``, reused across generations of the same rounded shape so
-        that their CUDA graphs (tied to the cache's buffers) are reused too. Stale entries from an
-        earlier generation are harmless: every read is masked to the keys of the current window."""
+        """A cache of ``row_bucket(rows)`` rows x ``max_len`` rounded up to CACHE_QUANTUM, taken from a
+        small pool so that its CUDA graphs (tied to the cache's buffers) are reused by later
+        generations of the same bucket. The rows past ``rows`` are inert padding: their queries see
+        nothing and their logits are dropped. Stale entries from an earlier generation are
+        harmless: every read is masked to the keys of the current window."""
         max_len = -(-max_len // self.CACHE_QUANTUM) * self.CACHE_QUANTUM
-        last = getattr(self, "_cache", None)
-        if last is not None and last.rows == rows and last.max_len == max_len:
-            return last
-        self._graphs.clear()
-        self._cache = self.model.new_cache(rows, max_len)
-        return self._cache
+        key = (self.row_bucket(rows), max_len)
+        pool = self.__dict__.setdefault("_pool", {})
+        cache = pool.pop(key, None)
+        if cache is None:
+            cache = self.model.new_cache(*key)
+            while len(pool) >= self.POOL:  # evict the least recently used, with its graphs
+                old = pool.pop(next(iter(pool)))
+                self._graphs = {k: v for k, v in self._graphs.items() if k[3] != id(old)}
+        pool[key] = cache  # most recently used last
+        cache.view = None
+        cache.real_rows = rows
+        return cache
 
     def new_rows(self, rows: int, max_len: int) -> KVCache:
         """An unpooled cache for rows joining a running batch (``new_cache`` may hand out its pool)."""
         return self.model.new_cache(rows, -(-max_len // self.CACHE_QUANTUM) * self.CACHE_QUANTUM)
 
-    @staticmethod
-    def extend_cache(cache: KVCache, extra: KVCache) -> KVCache:
-        return cache.extend(extra)
+    def extend_cache(self, cache: KVCache, extra: KVCache) -> KVCache:
+        """The running batch's cache plus the joining rows: in place when they fit its row bucket (its
+        graphs stay valid), else a pooled cache of the larger bucket."""
+        ra, rb = cache.real_rows, extra.real_rows
+        if ra + rb <= cache.rows and extra.max_len <= cache.max_len:
+            target = cache
+        else:
+            target = self.new_cache(ra + rb, max(cache.max_len, extra.max_len))
+            target.k[:, :ra, :, : cache.max_len] = cache.k[:, :ra]
+            target.v[:, :ra, :, : cache.max_len] = cache.v[:, :ra]
+        target.k[:, ra:ra + rb, :, : extra.max_len] = extra.k[:, :rb]
+        target.v[:, ra:ra + rb, :, : extra.max_len] = extra.v[:, :rb]
+        target.real_rows = ra + rb
+        target.length = cache.length
+        return target
 
     def _inputs(self, ids: Tensor, start: int, pad_lens: Tensor, cache: KVCache):
         end = start + ids.shape[1]
         positions = rope_positions(start, end, pad_lens)
         mask = block_causal_mask(start, end, pad_lens, self.block_length)  # [R, 1, T, end]
-        full = torch.zeros(*mask.shape[:-1], cache.max_len, dtype=torch.bool, device=mask.device)
-        full[..., :end] = mask
+        full = torch.zeros(cache.rows, *mask.shape[1:-1], cache.max_len, dtype=torch.bool, device=mask.device)
+        full[: mask.shape[0], ..., :end] = mask  # padding rows see nothing
         write_index = torch.arange(start, end, device=ids.device)
-        return positions, write_index, full
+        pad = cache.rows - ids.shape[0]
+        if pad:
+            ids = torch.cat([ids, ids.new_zeros(pad, ids.shape[1])])
+            positions = torch.cat([positions, positions.new_zeros(pad, positions.shape[1])])
+        return ids, positions, write_index, full
 
     @torch.inference_mode()
     def __call__(self, ids: Tensor, start: int, pad_lens: Tensor, cache, num_logits: int) -> Tensor:
@@ -234,10 +265,13 @@ class FastBackboneLogits:
             return self.model(ids, rope_positions(start, end, pad_lens),
                               block_causal_mask(start, end, pad_lens, self.block_length),
                               num_logits=num_logits)
-        positions, write_index, mask = self._inputs(ids, start, pad_lens, cache)
+        rows = ids.shape[0]
+        if rows > cache.rows:
+            raise ValueError(f"{rows} rows do not fit a cache of {cache.rows}")
+        ids, positions, write_index, mask = self._inputs(ids, start, pad_lens, cache)
         key = (ids.shape[0], ids.shape[1], num_logits, id(cache))
         if not self.graphs or ids.shape[1] not in self.GRAPH_WINDOWS:
-            return self.step(ids, positions, write_index, mask, cache, num_logits)
+            return self.step(ids, positions, write_index, mask, cache, num_logits)[:rows]
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._capture(key, ids, positions, write_index, mask, cache, num_logits)
@@ -246,12 +280,27 @@ class FastBackboneLogits:
                             ("mask", mask)):
             static[name].copy_(value)
         graph["graph"].replay()
-        return graph["out"].clone()
+        return graph["out"][:rows].clone()
+
+    def warm_up(self, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32), max_len: int = 2048) -> float:
+        """Compile and capture the steady and first-of-block steps for these row buckets now (a server
+        pays this once at start); returns the seconds it took."""
+        import time
+        t = time.perf_counter()
+        for r in rows:
+            cache = self.new_cache(r, max_len)
+            ids = torch.zeros(r, self.GRAPH_WINDOWS[-1], dtype=torch.long, device=self.model.device)
+            pads = torch.zeros(r, dtype=torch.long, device=self.model.device)
+            for window in self.GRAPH_WINDOWS:
+                self(ids[:, :window], 0, pads, cache, self.block_length)
+            self(ids[:, :48], 0, pads, cache, self.block_length)  # a prefill-length window, compiled
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
 
     def _capture(self, key, ids, positions, write_index, mask, cache, num_logits) -> dict:
-        # A graph is tied to one cache object (its buffers are baked in); graphs of other caches are
-        # dropped so their memory pool is released.
-        self._graphs = {k: v for k, v in self._graphs.items() if k[3] == key[3]}
+        # A graph is tied to one cache object (its buffers are baked in); the graphs of a cache leave
+        # with it when the pool evicts it, which releases their memory.
         inputs = {"ids": ids.clone(), "positions": positions.clone(), "write_index": write_index.clone(),
                   "mask": mask.clone()}
         stream = torch.cuda.Stream()

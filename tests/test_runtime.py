@@ -148,3 +148,61 @@ def test_compiled_step_falls_back_to_eager_when_compilation_fails(tiny_model, mo
         got = _window_logits(fast, ids, pads, [(0, 96)])
     assert step.router.failed and "eagerly" in caplog.text
     torch.testing.assert_close(got[0], _window_logits(ref, ids, pads, [(0, 96)])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_row_buckets_pool_and_admission_on_the_fast_path(tiny_dir):
+    """Rows padded to power-of-two buckets, caches pooled across generations, rows joining in place
+    or into a larger bucket: the fast path's tokens equal the clear path's throughout."""
+    from llada2uni.sampling.block import DenoiseRequest, generate
+    from llada2uni.sampling.guidance import Guidance
+    from llada2uni.tokens import align_rows
+    pipe = LLaDA2Uni.from_pretrained(tiny_dir, device="cpu", dtype="float32")
+    clear = BackboneLogits(pipe.model)
+    fast = FastBackboneLogits(pipe.model, eager=True)
+    mask, lo, hi = pipe.tokens.ids.mask, pipe.image_token_offset, pipe.config.vocab_size
+    assert [fast.row_bucket(r) for r in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+
+    def text(q, n=70):
+        image = list(range(lo, lo + 4))
+        return DenoiseRequest(rows=[pipe.tokens.understand_prompt([(image, 2, 2)], q)], pad_lens=[0],
+                              gen_length=n, steps=4)
+
+    def t2i(p):
+        rows, pads = align_rows(pipe.tokens.t2i_prompts(p, 2, 3), mask)
+        return DenoiseRequest(rows=rows, pad_lens=pads, gen_length=6, steps=3, vocab=(lo, hi),
+                              guidance=Guidance(kind="simple", scale=3.0))
+    batch = [text("Hi"), t2i("a red cube")]  # 3 rows: a bucket of 4
+    assert generate(fast, batch, mask_id=mask).tokens == generate(clear, batch, mask_id=mask).tokens
+    first = fast._pool[(4, 512)]
+    assert first.rows == 4 and first.real_rows == 3
+    three = [text("Yo"), text("What?"), text("Who?")]  # 3 rows again: the same pooled cache
+    assert generate(fast, three, mask_id=mask).tokens == generate(clear, three, mask_id=mask).tokens
+    assert fast._pool[(4, 512)] is first
+    for joining in ([text("late")], [t2i("two cats"), t2i("a dog")]):
+        calls = []
+
+        def admit(block, length, joining=joining):
+            calls.append(block)
+            return list(joining) if len(calls) == 2 else []
+        start = [text("Hi", 120), t2i("a boat")]  # 3 rows; +1 fits the bucket, +4 needs a larger one
+        out = generate(fast, start, mask_id=mask, admit=admit)
+        alone = [generate(clear, [r], mask_id=mask).tokens[0] for r in (*start, *joining)]
+        assert out.tokens == alone
+
+
+def test_extend_cache_keeps_every_row(tiny_model):
+    fast = FastBackboneLogits(tiny_model, eager=True)
+    g = torch.Generator().manual_seed(0)
+    for ra, rb in ((3, 1), (3, 4)):  # fits the bucket of 4 in place; needs the bucket of 8
+        cache = fast.new_cache(ra, 100)
+        extra = fast.new_rows(rb, 100)
+        for c in (cache, extra):
+            c.k.copy_(torch.randn(c.k.shape, generator=g))
+            c.v.copy_(torch.randn(c.v.shape, generator=g))
+        cache.length = 64
+        want_k = torch.cat([cache.k[:, :ra], extra.k[:, :rb]], dim=1).clone()
+        want_v = torch.cat([cache.v[:, :ra], extra.v[:, :rb]], dim=1).clone()
+        out = fast.extend_cache(cache, extra)
+        assert (out is cache) == (ra + rb <= 4) and out.rows == fast.row_bucket(ra + rb)
+        assert out.real_rows == ra + rb and out.length == 64
+        assert torch.equal(out.k[:, : ra + rb], want_k) and torch.equal(out.v[:, : ra + rb], want_v)

@@ -39,6 +39,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
         self.max_len = max_len
+        self.real_rows = rows  # a fast path may allocate padding rows past the batch's own
         self.view: _View | None = None
 
     @property
@@ -60,6 +61,7 @@ class KVCache:
         out.k = torch.cat([pad(self.k), pad(other.k)], dim=1)
         out.v = torch.cat([pad(self.v), pad(other.v)], dim=1)
         out.length, out.max_len, out.view = self.length, max_len, None
+        out.real_rows = out.k.shape[1]
         return out
 
     def update(self, layer: int, start: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
