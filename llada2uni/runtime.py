@@ -65,9 +65,8 @@ class _Compiled:
             # No duck sizing: a window length equal to, say, the row count must not tie the two.
             with torch.fx.experimental._config.patch(use_duck_shape=False):
                 return self.fn(*args)
-        except torch._dynamo.exc.TorchDynamoException as e:  # unsupported ops, backend failures
-            self._fall_back(e)
-        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        # unsupported ops and backend failures (TorchDynamoException); the recompile limit
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
             self._fall_back(e)
         return self.eager(*args)
 
