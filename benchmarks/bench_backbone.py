@@ -9,7 +9,9 @@ Cases (each timed after warm-up, median of repeats, CUDA events on GPU):
   prefill of the 1.1k-token T2I prompt+prefix, and batching 1/4/16/32 sequences at the t2i shape.
 Paths: "clear" = our reference path that recomputes the whole window each step with the
 expert-by-expert MoE (what the remote code does, minus its extra host syncs); "eager" = cached step,
-grouped MoE; "graph" = the same captured in a CUDA graph. The floor counts the bytes a step must read:
+default MoE dispatch (the fused Triton kernels on CUDA); "graph" = the same captured in a CUDA graph;
+"compiled" = with the compiled step parts (the pipeline's path); "grouped" = the compiled graph with the
+grouped-GEMM dispatch instead, the baseline in the same run. The floor counts the bytes a step must read:
 attention/dense/shared/router weights, the routed experts actually touched (counted from this run's
 routing), the lm_head, and the KV cache; divided by the measured copy bandwidth.
 Prints a table, then one JSON line.
@@ -28,7 +30,7 @@ import torch
 from llada2uni.config import BackboneConfig
 from llada2uni.models.backbone import MoE
 from llada2uni.ops.attention import block_causal_mask, rope_positions
-from llada2uni.ops.moe import experts_grouped, experts_reference
+from llada2uni.ops.moe import experts_reference
 from llada2uni.runtime import FastBackboneLogits
 from llada2uni.tiny import tiny_config
 from llada2uni.weights import make_random
@@ -125,9 +127,8 @@ def run_case(name, model, cfg, rows, prefix, device, bw, paths, log):
         pos = rope_positions(0, end, pads)
         mask = block_causal_mask(0, end, pads, 32)
         result["clear_ms"] = timer(lambda: model(ids, pos, mask, num_logits=32), device, warmup=1, reps=3)
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.dispatch = experts_grouped if fast.grouped else experts_reference
+    fast = FastBackboneLogits(model, eager=True)  # back to the default dispatch (fused Triton on CUDA)
+    result["moe"] = fast.moe
     with ExpertCounter(model) as counter:
         fast(ids[:, prefix:], prefix, pads, cache, 32)
     result["unique_experts_per_layer"] = round(sum(counter.unique) / max(len(counter.unique), 1), 1)
@@ -147,6 +148,12 @@ def run_case(name, model, cfg, rows, prefix, device, bw, paths, log):
         except Exception as e:  # report, keep the other numbers
             result["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         compiled._graphs.clear()
+        if fast.moe == "triton":  # the grouped-GEMM dispatch in the same run: the baseline it replaces
+            grouped = FastBackboneLogits(model, eager=False, compile=True, moe="grouped")
+            result["grouped_compiled_graph_ms"] = timer(lambda: grouped(ids[:, prefix:], prefix, pads, cache, 32),
+                                                        device, warmup=3, reps=20)
+            grouped._graphs.clear()
+            FastBackboneLogits(model, eager=True)  # restore the default dispatch
     parts = step_bytes(cfg, counter.unique, rows, prefix)
     result["bytes_gb"] = round(parts["total"] / 1e9, 3)
     result["floor_ms"] = round(parts["total"] / (bw * 1e9) * 1e3, 3)
@@ -206,14 +213,16 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"\ncard: {card}   copy bandwidth: {bw:.0f} GB/s   model build: {build_s:.1f} s   peak mem {peak:.1f} GiB")
     print(f"{'case':10s} {'rows':>4s} {'prefix':>6s} {'clear ms':>9s} {'eager ms':>9s} {'graph ms':>9s} "
-          f"{'compiled':>9s} {'floor ms':>9s} {'x floor':>7s} {'GB/s':>7s} {'experts/L':>9s} {'tok/s':>8s}")
+          f"{'compiled':>9s} {'grouped':>9s} {'floor ms':>9s} {'x floor':>7s} {'GB/s':>7s} {'experts/L':>9s} "
+          f"{'tok/s':>8s}")
     for r in rows_out:
         if r["case"] == "prefill":
             print(f"{'prefill':10s} {r['rows']:>4d} {r['tokens']:>6d} {'':>9s} {r['ms']:>9.2f}")
             continue
         print(f"{r['case']:10s} {r['rows']:>4d} {r['prefix']:>6d} {r.get('clear_ms', float('nan')):>9.2f} "
               f"{r['eager_ms']:>9.2f} {r.get('graph_ms', float('nan')):>9.2f} "
-              f"{r.get('compiled_graph_ms', float('nan')):>9.2f} {r['floor_ms']:>9.2f} "
+              f"{r.get('compiled_graph_ms', float('nan')):>9.2f} "
+              f"{r.get('grouped_compiled_graph_ms', float('nan')):>9.2f} {r['floor_ms']:>9.2f} "
               f"{r['best_over_floor']:>7.2f} {r['achieved_gbs']:>7.0f} {r['unique_experts_per_layer']:>9.1f} "
               f"{r.get('tokens_per_s', ''):>8}")
     print(json.dumps({"bench": "backbone", "card": card, "commit": commit, "copy_gbs": round(bw),

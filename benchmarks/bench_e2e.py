@@ -1,5 +1,6 @@
 """End to end on one GPU with full-size random weights: text-to-image 1024x1024 (turbo decoder) and
-understanding of an 800x800 image with 256 answer tokens; time to first image after process start.
+understanding of an 800x800 image with 256 answer tokens (first call, then a second one: the
+number reported); time to first image after process start.
 
     python benchmarks/bench_e2e.py [--eager]
 
@@ -26,7 +27,7 @@ import torch  # noqa: E402
 from llada2uni.config import BackboneConfig  # noqa: E402
 from llada2uni.models.image_tokenizer import ImageTokenizer, ImageTokenizerConfig  # noqa: E402
 from llada2uni.pipeline import LLaDA2Uni  # noqa: E402
-from llada2uni.runtime import FastBackboneLogits, accelerate  # noqa: E402
+from llada2uni.runtime import FastBackboneLogits, accelerate, use_fast_moe  # noqa: E402
 from llada2uni.tiny import write_tiny_tokenizer  # noqa: E402
 from llada2uni.tokens import Tokens  # noqa: E402
 from llada2uni.weights import make_random  # noqa: E402
@@ -94,7 +95,8 @@ def main():
     torch.cuda.reset_peak_memory_stats()
     (img, forwards, dec_s), first_s = sync_time(t2i)
     results["time_to_first_image_s"] = round(time.perf_counter() - START, 1)
-    results["first_t2i_s"] = round(first_s, 2)
+    results["first_t2i_s"] = round(first_s, 2)  # after the build: what the first request pays
+    results["first_t2i_decode_s"] = round(dec_s, 2)  # of which the decoder (its compile included)
     torch.cuda.reset_peak_memory_stats()
     (img, forwards, dec_s), t2i_s = sync_time(t2i)
     results["t2i_1024_turbo_s"] = round(t2i_s, 2)
@@ -116,7 +118,7 @@ def main():
     step_floor = step_bytes(cfg, counter.unique, 2, 1088)["total"] / (bw * 1e9)
     results["step_floor_ms"] = round(step_floor * 1e3, 2)
     if not args.eager:
-        accelerate(pipe)
+        use_fast_moe(model)  # the probe left the default dispatch; keep pipe.logits_fn and its graphs
     from llada2uni.models.decoder import latents_to_image
     _, vae_s = sync_time(lambda: latents_to_image(dec.vae, torch.randn(1, 16, 128, 128, device=device)))
     dit_floor = 8 * dit_flops(dit.config, 4096, 4096, 1) / (rate * 1e12)
@@ -136,6 +138,8 @@ def main():
         text = pipe.understand_image(toks, h, w, question="Describe this image in detail.", steps=32,
                                      gen_length=256)
         return text, len(toks)
+    (text, n_img), mmu_first_s = sync_time(mmu)  # first understanding: its shapes' capture included
+    results["mmu_first_s"] = round(mmu_first_s, 2)
     (text, n_img), mmu_s = sync_time(mmu)
     results["mmu_800_256tok_s"] = round(mmu_s, 2)
     results["mmu_image_tokens"] = n_img

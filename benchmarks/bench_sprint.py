@@ -14,10 +14,10 @@ its full step count. ``--sharpen S`` (repeatable) scales the LM head by S to emu
 model, so threshold acceptance and adaptive counts show up; it is synthetic and says nothing about
 quality. "agree" is the fraction of generated tokens equal to the baseline's (same sharpen).
 Every config runs once untimed first (warm-up), then ``--reps`` timed runs: "ms" is their median,
-"best" their minimum (steadier on a shared CPU); speed-ups and rates use "best". All configs use the
-clear ``BackboneLogits`` (SPRINT's cache views need ``model.forward``); on CUDA the MoE uses the
-grouped dispatch, and one more row, "fast", times the baseline on ``runtime.FastBackboneLogits``
-(static shapes, CUDA graphs), the path the pipeline uses on CUDA without SPRINT. Prints a table, then
+"best" their minimum (steadier on a shared CPU); speed-ups and rates use "best". On CUDA every
+config runs on ``runtime.FastBackboneLogits`` (compiled step, CUDA graphs, SPRINT's pruned steps
+included), the path the pipeline uses, and one more row, "sprint/clr", runs SPRINT on the clear
+``BackboneLogits`` for comparison; on CPU all run on the clear path. Prints a table, then
 one JSON line.
 """
 
@@ -66,12 +66,12 @@ def tiny_setup(args):
 
 
 def full_setup(args):
-    from llada2uni.runtime import use_grouped_moe
+    from llada2uni.runtime import use_fast_moe
     from llada2uni.weights import make_random
     cfg = BackboneConfig(num_hidden_layers=args.layers)
     model = make_random(cfg, device=args.device, dtype=torch.bfloat16)
     if model.device.type == "cuda":
-        use_grouped_moe(model)
+        use_fast_moe(model)
     g = torch.Generator().manual_seed(0)
 
     def text(n):  # ordinary text ids, clear of the special-token range
@@ -145,10 +145,13 @@ def main():
     model, cfg, mmu, t2i = (full_setup if args.full else tiny_setup)(args)
     head = model.lm_head.weight.detach().clone()
     clear = BackboneLogits(model)
-    configs = [(name, sprint, clear) for name, sprint in CONFIGS.items()]
-    if device.type == "cuda":
+    if device.type == "cuda":  # every config on the fast path the pipeline uses, and SPRINT on the clear one
         from llada2uni.runtime import FastBackboneLogits
-        configs.append(("fast", None, FastBackboneLogits(model)))
+        fast = FastBackboneLogits(model, compile=True)
+        configs = [(name, sprint, fast) for name, sprint in CONFIGS.items()]
+        configs.append(("sprint/clr", CONFIGS["sprint"], clear))
+    else:
+        configs = [(name, sprint, clear) for name, sprint in CONFIGS.items()]
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:

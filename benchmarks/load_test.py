@@ -1,15 +1,19 @@
 """Bounded load test of ``llada2uni serve`` on loopback.
 
 Starts the server in a subprocess (the tiny checkpoint on the CPU by default; ``--full --device cuda``:
-the full-size random backbone, image decoding skipped), then for each client count in ``--clients``
-runs exactly ``--requests`` requests from that many concurrent clients and reports, per level:
-completed, rejected (429 answers; the client waits Retry-After and retries, up to --max-retries),
-failed (other HTTP errors or a bad body), lost (no HTTP answer at all; must be 0), p50/p95 latency
-of the answered attempt and end to end, requests/s, generated tokens/s, and the scheduler's mean and
-largest batch. Prints a table, then one JSON line.
+the full-size random backbone, image decoding skipped), waits for /ready (the server's own warm-up
+included; its report is printed), times a first request, then for each task in ``--task`` and each
+client count in ``--clients`` runs max(--requests, --requests-per-client x clients) requests from
+that many concurrent clients and reports, per level: completed, rejected (429 answers; the client
+waits Retry-After and retries, up to --max-retries), failed (other HTTP errors or a bad body), lost
+(no HTTP answer at all; must be 0), failed batches (the scheduler re-ran a batch job by job; must be
+0), p50/p95 latency of the answered attempt and end to end, requests/s and its ratio to 1 client's,
+generated tokens/s, and the scheduler's mean and largest batch. Prints a table, then one JSON line;
+exits 1 if anything was lost or a batch failed.
 
     python benchmarks/load_test.py                                  # tiny, CPU, 64 clients
-    python benchmarks/load_test.py --full --device cuda --clients 1,8,32,64 --size 512x512
+    python benchmarks/load_test.py --full --device cuda --task chat,t2i --clients 1,8,32,64 \
+        --size 512x512 --steps 32 --max-tokens 128 --requests 8 --requests-per-client 2
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ def run_server(args) -> None:
     print(f"server: {'full-size random' if args.full else 'tiny'} model on {pipe.device} ({name})",
           file=sys.stderr, flush=True)
     config = ServerConfig(model_id="load-test", max_batch=args.max_batch, max_queue=args.max_queue,
-                          request_timeout=args.request_timeout)
+                          request_timeout=args.request_timeout, warm_up=args.warm_up,
+                          default_size=args.size, default_max_tokens=args.max_tokens)
     uvicorn.run(create_app(config, pipe=pipe), host="127.0.0.1", port=args.port, log_level="warning")
 
 
@@ -81,8 +86,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request_for(i: int, args) -> tuple[str, dict]:
-    task = args.task if args.task != "mixed" else ("t2i", "chat")[i % 2]
+def request_for(i: int, args, task: str) -> tuple[str, dict]:
+    task = task if task != "mixed" else ("t2i", "chat")[i % 2]
     if task == "t2i":
         return "/v1/images/generations", {
             "prompt": f"picture number {i}: a lighthouse on a cliff", "size": args.size, "steps": args.steps,
@@ -115,11 +120,11 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
-async def run_level(base: str, clients: int, requests: int, args) -> dict:
+async def run_level(base: str, clients: int, requests: int, args, task: str) -> dict:
     import httpx
 
     counter = iter(range(requests))
-    out = {"clients": clients, "requests": requests, "completed": 0, "rejected": 0, "failed": 0, "lost": 0,
+    out = {"task": task, "clients": clients, "requests": requests, "completed": 0, "rejected": 0, "failed": 0, "lost": 0,
            "gave_up": 0}
     latency, e2e, tokens = [], [], 0
     errors: dict[str, int] = {}
@@ -127,7 +132,7 @@ async def run_level(base: str, clients: int, requests: int, args) -> dict:
     async def client(http):
         nonlocal tokens
         for i in counter:
-            path, body = request_for(i, args)
+            path, body = request_for(i, args, task)
             start = time.perf_counter()
             for attempt in range(args.max_retries + 1):
                 t0 = time.perf_counter()
@@ -174,13 +179,17 @@ async def run_level(base: str, clients: int, requests: int, args) -> dict:
                mean_batch=round((after["batched_requests"] - before["batched_requests"]) / batches, 2) if batches else 0,
                max_batch=max((int(k) for k, v in after["batch_sizes"].items()
                               if v > before["batch_sizes"].get(k, 0)), default=0),
-               server_in_flight_after=after["in_flight"], errors=errors)
+               server_in_flight_after=after["in_flight"], errors=errors,
+               # batches that failed and were re-run one job at a time, or aborted: must stay 0
+               failed_batches=after["isolated_retries"] - before["isolated_retries"],
+               aborted_batches=after["aborted_batches"] - before["aborted_batches"])
     # Every request has an outcome: nothing vanished between the clients and the scheduler.
     out["accounted"] = out["completed"] + out["failed"] + out["lost"] + out["gave_up"] == requests
     return out
 
 
-async def warm_up(base: str, args, server=None) -> None:
+async def wait_ready(base: str, args, server=None) -> dict:
+    """Until /ready answers 200 (the server's own warm-up included); returns its body."""
     import httpx
     async with httpx.AsyncClient(base_url=base, timeout=args.client_timeout) as http:
         deadline = time.monotonic() + args.start_timeout
@@ -188,26 +197,39 @@ async def warm_up(base: str, args, server=None) -> None:
             if server is not None and server.poll() is not None:  # died while starting: say so now
                 raise SystemExit(f"the server exited with code {server.returncode} before it was ready")
             try:
-                if (await http.get("/ready")).status_code == 200:
-                    break
+                r = await http.get("/ready")
+                if r.status_code == 200:
+                    return r.json()
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 raise SystemExit("the server did not become ready")
             await asyncio.sleep(0.5)
+
+
+async def first_requests(base: str, args, task: str) -> float:
+    """Two requests one after the other; returns the first one's seconds (what a first user waits)."""
+    import httpx
+    async with httpx.AsyncClient(base_url=base, timeout=args.client_timeout) as http:
+        first = None
         for i in range(2):
-            path, body = request_for(i, args)
+            path, body = request_for(i, args, task)
+            t = time.perf_counter()
             r = await http.post(path, json=body)
             r.raise_for_status()
+            first = first if first is not None else time.perf_counter() - t
+        return first
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", default="64", help="concurrent clients; a comma list runs a sweep")
-    ap.add_argument("--requests", type=int, default=256, help="requests per level")
+    ap.add_argument("--requests", type=int, default=256, help="requests per level (at least)")
+    ap.add_argument("--requests-per-client", type=int, default=0,
+                    help="per level, at least this many requests per client")
     ap.add_argument("--warmup", type=int, default=None,
                     help="requests sent first at the largest client count, not measured (default: that count)")
-    ap.add_argument("--task", choices=["t2i", "chat", "mixed"], default="mixed")
+    ap.add_argument("--task", default="mixed", help="t2i, chat or mixed; a comma list runs each in turn")
     ap.add_argument("--size", default="64x64")
     ap.add_argument("--steps", type=int, default=4, help="denoising steps per block")
     ap.add_argument("--decoder-steps", type=int, default=2)
@@ -224,7 +246,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the server (CPU)")
     ap.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-warm-up", dest="warm_up", action="store_false", help="server: skip its warm-up")
     args = ap.parse_args()
+    tasks = args.task.split(",")
+    if any(t not in ("t2i", "chat", "mixed") for t in tasks):
+        ap.error(f"--task: each of t2i, chat, mixed; got {args.task!r}")
 
     if args.serve_only:
         if args.threads:
@@ -237,21 +263,29 @@ def main() -> None:
            "--max-queue", str(args.max_queue), "--request-timeout", str(args.request_timeout)]
     cmd += ["--full"] * args.full + ["--eager"] * args.eager + (["--device", args.device] if args.device else [])
     cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--size", args.size, "--max-tokens", str(args.max_tokens)] + ["--no-warm-up"] * (not args.warm_up)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     server = subprocess.Popen(cmd, env=env)
     base = f"http://127.0.0.1:{port}"
-    levels = []
+    levels, first = [], {}
+    t_start = time.perf_counter()
     try:
-        asyncio.run(warm_up(base, args, server))
+        ready = asyncio.run(wait_ready(base, args, server))
+        ready_s = time.perf_counter() - t_start
+        print(f"server ready after {ready_s:.1f} s; warm-up: {ready.get('warm_up')}", flush=True)
         sweep = [int(c) for c in args.clients.split(",")]
-        warmup = max(sweep) if args.warmup is None else args.warmup
-        if warmup:  # batch shapes seen once (compilation, graph capture) before measuring
-            asyncio.run(run_level(base, max(sweep), warmup, args))
-        for clients in sweep:
-            levels.append(asyncio.run(run_level(base, clients, args.requests, args)))
-            r = levels[-1]
-            print(f"clients {clients}: {r['completed']} completed, {r['rejected']} rejected, "
-                  f"{r['failed']} failed, {r['lost']} lost in {r['wall_s']} s", flush=True)
+        for task in tasks:
+            first[task] = round(asyncio.run(first_requests(base, args, task)), 2)
+            warmup = max(sweep) if args.warmup is None else args.warmup
+            if warmup:  # batch shapes seen once before measuring (what the server's warm-up left out)
+                asyncio.run(run_level(base, max(sweep), warmup, args, task))
+            for clients in sweep:
+                n = max(args.requests, args.requests_per_client * clients)
+                levels.append(asyncio.run(run_level(base, clients, n, args, task)))
+                r = levels[-1]
+                print(f"{task} clients {clients}: {r['completed']} completed, {r['rejected']} rejected, "
+                      f"{r['failed']} failed, {r['lost']} lost, {r['failed_batches']} failed batches in "
+                      f"{r['wall_s']} s ({r['req_per_s']} req/s)", flush=True)
     finally:
         server.terminate()
         server.wait(30)
@@ -259,18 +293,25 @@ def main() -> None:
     device = "cpu"
     if args.full or (args.device or "cpu").startswith("cuda"):
         device = args.device or "cuda"
-    cols = ["clients", "requests", "completed", "rejected", "failed", "lost", "p50_s", "p95_s", "e2e_p50_s",
-            "e2e_p95_s", "req_per_s", "tokens_per_s", "mean_batch", "max_batch"]
+    cols = ["task", "clients", "requests", "completed", "rejected", "failed", "lost", "p50_s", "p95_s", "e2e_p50_s",
+            "e2e_p95_s", "req_per_s", "tokens_per_s", "mean_batch", "max_batch", "failed_batches"]
     print()
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in levels:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    for task in tasks:  # scaling: requests/s at each level over 1 client's
+        one = next((r for r in levels if r["task"] == task and r["clients"] == 1), None)
+        for r in levels:
+            if one and r["task"] == task and one["req_per_s"]:
+                r["x_one_client"] = round(r["req_per_s"] / one["req_per_s"], 2)
+    print("scaling vs 1 client: " + ", ".join(f"{r['task']} {r['clients']}: {r.get('x_one_client')}x" for r in levels))
     print(json.dumps({"benchmark": "server_load", "model": "full-random" if args.full else "tiny",
-                      "device": device, "task": args.task, "size": args.size, "steps": args.steps,
+                      "device": device, "task": args.task, "ready_s": round(ready_s, 1),
+                      "warm_up": ready.get("warm_up"), "first_request_s": first, "size": args.size, "steps": args.steps,
                       "max_tokens": args.max_tokens, "max_batch": args.max_batch, "max_queue": args.max_queue,
                       "levels": levels}))
-    if any(r["lost"] or not r["accounted"] for r in levels):
+    if any(r["lost"] or not r["accounted"] or r["failed_batches"] for r in levels):
         sys.exit(1)
 
 

@@ -352,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="per uploaded image")
     p.add_argument("--default-size", default="1024x1024", help="image size when a request gives none")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image_url in chat")
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                   help="skip compiling and capturing the fast path at start (the first requests pay it)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run every task offline on a tiny checkpoint it makes")

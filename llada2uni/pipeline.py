@@ -33,7 +33,7 @@ T2I_GEN_LENGTH = 1088
 class BackboneLogits:
     """The backbone as the sampler's ``logits_fn``: builds positions and the block-causal mask."""
 
-    # model.forward honours the cache's SPRINT view (pruned prefix) and attention probe.
+    # model.forward honours the cache's SPRINT view (the pruned prefix).
     sprint_views = True
 
     def __init__(self, model: LLaDA2MoeForLM, block_length: int = BLOCK_LENGTH) -> None:
@@ -199,7 +199,7 @@ class LLaDA2Uni:
             logits_fn.block_length = block_length  # the attention mask's blocks follow the sampler's
         if (sprint is not None and not getattr(logits_fn, "sprint_views", False)
                 and all(supports(r.guidance.kind) for r in requests)):
-            # SPRINT's pruned and probed steps need model.forward (a fast path may bypass the cache view).
+            # SPRINT's pruned steps need a logits_fn that honours the cache view.
             log.info("SPRINT runs on the clear backbone path: this logits_fn does not support cache views")
             logits_fn = BackboneLogits(self.model, block_length)
         out = generate(logits_fn, requests, mask_id=self.tokens.ids.mask, block_length=block_length,

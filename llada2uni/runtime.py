@@ -1,4 +1,4 @@
-"""The fast path, applied from outside the model: grouped-GEMM MoE, static-shape cached steps, CUDA graphs.
+"""The fast path, applied from outside the model: fused MoE, static-shape cached steps, CUDA graphs.
 
 ``FastBackboneLogits`` is a drop-in ``logits_fn`` for the block sampler. Each cached denoising step
 writes the window's K/V into the cache at its physical positions (``index_copy_`` on a device index,
@@ -76,16 +76,70 @@ class _Compiled:
                     getattr(self.eager, "__name__", "a step part"), type(error).__name__, str(error)[:200])
 
 
-def use_grouped_moe(model: LLaDA2MoeForLM) -> bool:
-    """Switch every MoE layer to the grouped-GEMM dispatch when the dtype/shape allow it."""
+MOE_BACKENDS = ("auto", "triton", "grouped", "reference")
+
+
+class _FastView:
+    """A SPRINT view for the fast path: the kept prefix keys gathered into a persistent buffer of the
+    cache's own shape (kept keys at [0, kept), the window after them), so every pruned step of every
+    block has the same shapes and replays one CUDA graph; only ``visible`` and the window's write
+    positions change, and they are graph inputs."""
+
+    def __init__(self, start: int, end: int, idx: Tensor, valid: Tensor, visible: Tensor, k: Tensor,
+                 v: Tensor) -> None:
+        self.start, self.end, self.kept = start, end, valid.shape[1]
+        self.idx, self.valid = idx, valid  # as KVCache's view: [layers, R, kept], [R, kept]
+        self.visible = visible  # [cache rows, max_len] bool: kept keys of each row, then the window
+        self.k, self.v = k, v
+
+
+class PooledCache(KVCache):
+    """The fast path's cache: a ``KVCache`` whose SPRINT view (``set_view``) gathers into buffers
+    allocated once per cache (only when SPRINT is used) instead of per block."""
+
+    def set_view(self, start: int, end: int, idx: Tensor, valid: Tensor) -> None:
+        layers, rows, heads, max_len, dim = self.k.shape
+        r, kept = valid.shape
+        if idx.shape != (layers, r, kept) or r > rows:
+            raise ValueError(f"view indices {tuple(idx.shape)} / valid {tuple(valid.shape)} do not fit "
+                             f"a cache of {layers} layers and {rows} rows")
+        if kept + end - start > max_len:
+            raise ValueError(f"a view of {kept} kept keys and a {end - start}-token window exceeds the cache "
+                             f"({max_len})")
+        if getattr(self, "_view_k", None) is None:
+            self._view_k, self._view_v = torch.zeros_like(self.k), torch.zeros_like(self.v)
+        gather = idx[:, :, None, :, None].expand(layers, r, heads, kept, dim)
+        self._view_k[:, :r, :, :kept] = self.k[:, :r].gather(3, gather)
+        self._view_v[:, :r, :, :kept] = self.v[:, :r].gather(3, gather)
+        visible = torch.zeros(rows, max_len, dtype=torch.bool, device=self.k.device)
+        visible[:r, :kept] = valid
+        visible[:r, kept:kept + end - start] = True
+        self.view = _FastView(start, end, idx, valid, visible, self._view_k, self._view_v)
+
+
+def use_fast_moe(model: LLaDA2MoeForLM, backend: str = "auto") -> str | None:
+    """Switch every MoE layer to a host-sync-free dispatch: the fused Triton kernels
+    (``ops/moe_triton.py``) on CUDA where their tiles fit, else the grouped GEMM where dtype and shape
+    allow it. Returns the backend in use, or None when only the reference dispatch fits (no graphs).
+    ``backend`` forces one ("reference" turns the fast dispatch off)."""
+    from .ops import moe_triton
+    if backend not in MOE_BACKENDS:
+        raise ValueError(f"moe backend must be one of {MOE_BACKENDS}, got {backend!r}")
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     if not moes:
-        return False
+        return None
     probe = torch.empty(1, model.config.hidden_size, dtype=model.dtype, device=model.device)
-    ok = grouped_supported(probe, moes[0].experts.w13)
+    w13, w2 = moes[0].experts.w13, moes[0].experts.w2
+    usable = {"triton": moe_triton.supported(probe, w13, w2), "grouped": grouped_supported(probe, w13)}
+    if backend == "auto":
+        backend = next((b for b in ("triton", "grouped") if usable[b]), "reference")
+    elif backend != "reference" and not usable[backend]:
+        raise ValueError(f"the {backend} MoE dispatch does not support this model's dtype/device/shapes")
+    dispatch = {"triton": moe_triton.experts_fused, "grouped": experts_grouped,
+                "reference": experts_reference}[backend]
     for m in moes:
-        m.dispatch = experts_grouped if ok else experts_reference
-    return ok
+        m.dispatch = dispatch
+    return None if backend == "reference" else backend
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -130,7 +184,7 @@ class StaticStep:
 
     ``step(ids, positions, write_index, mask, cache, num_logits)``: ids/positions [R, T]; write_index
     [T] physical positions of the window; mask [R, 1, T, S_max] over the whole cache. Returns fp32
-    logits [R, num_logits, V].
+    logits [R, num_logits, V] (``fp32=False``: in the model's dtype, the same values before the cast).
 
     With ``compile=True`` the three per-layer parts (attention sub-layer, router, residual + shared
     expert) are torch.compile'd once and reused by every layer, since their weights are arguments; the
@@ -152,7 +206,7 @@ class StaticStep:
         """Graphs compiled so far over the three parts (0 when not compiling)."""
         return sum(getattr(p, "compiles", 0) for p in (self.attention, self.router, self.combine))
 
-    def __call__(self, ids, positions, write_index, mask, cache, num_logits) -> Tensor:
+    def __call__(self, ids, positions, write_index, mask, cache, num_logits, fp32: bool = True) -> Tensor:
         model, cfg = self.model, self.model.config
         hq, hkv, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
         r, t = ids.shape
@@ -177,26 +231,29 @@ class StaticStep:
             sh = mlp.shared_experts
             h = self.combine(h, routed, x, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
         h = model.model.norm(h[:, -num_logits:])
-        return F.linear(h, model.lm_head.weight).float()
+        logits = F.linear(h, model.lm_head.weight)
+        return logits.float() if fp32 else logits  # fp32=False: the model's dtype (half the memory)
 
 
 class FastBackboneLogits:
     """The backbone as the sampler's ``logits_fn``, fast path. Same contract as ``BackboneLogits``."""
 
     GRAPH_WINDOWS = (32, 64)
+    sprint_views = True  # SPRINT's pruned steps run here too (``PooledCache.set_view``)
 
     def __init__(self, model: LLaDA2MoeForLM, block_length: int = 32, *, eager: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, moe: str = "auto") -> None:
         self.model = model
         self.block_length = block_length
-        self.grouped = use_grouped_moe(model)
-        # Graphs need the host-sync-free grouped MoE and a CUDA device.
+        self.moe = use_fast_moe(model, moe)  # the dispatch in use; None: the reference (syncs)
+        self.grouped = self.moe is not None
+        # Graphs need a host-sync-free MoE dispatch and a CUDA device.
         self.graphs = (not eager) and self.grouped and model.device.type == "cuda"
         self._graphs: dict = {}
         self.step = StaticStep(model, compile=compile and self.grouped)
 
     CACHE_QUANTUM = 512
-    POOL = 4  # caches (and their graphs) kept for reuse across generations
+    POOL = 4  # caches (and their graphs) kept for reuse across generations; warm_up raises it
 
     @staticmethod
     def row_bucket(rows: int) -> int:
@@ -204,29 +261,40 @@ class FastBackboneLogits:
         of any size reuses the graphs of its bucket."""
         return 1 << max(0, rows - 1).bit_length()
 
+    @classmethod
+    def length_bucket(cls, max_len: int) -> int:
+        """Cache lengths are CACHE_QUANTUM times a power of two (512, 1024, 2048, ...): few distinct
+        caches, so few graphs to capture, at most twice the length asked for."""
+        return cls.CACHE_QUANTUM * cls.row_bucket(-(-max_len // cls.CACHE_QUANTUM))
+
     def new_cache(self, rows: int, max_len: int) -> KVCache:
-        """A cache of ``row_bucket(rows)`` rows x ``max_len`` rounded up to CACHE_QUANTUM, taken from a
-        small pool so that its CUDA graphs (tied to the cache's buffers) are reused by later
-        generations of the same bucket. The rows past ``rows`` are inert padding: their queries see
-        nothing and their logits are dropped. Stale entries from an earlier generation are
-        harmless: every read is masked to the keys of the current window."""
-        max_len = -(-max_len // self.CACHE_QUANTUM) * self.CACHE_QUANTUM
-        key = (self.row_bucket(rows), max_len)
+        """A cache of ``row_bucket(rows)`` rows x ``length_bucket(max_len)``, taken from a small pool
+        so that its CUDA graphs (tied to the cache's buffers) are reused by later generations of the
+        same bucket. The rows past ``rows`` are inert padding: their queries see nothing and their
+        logits are dropped. Stale entries from an earlier generation are harmless: every read is
+        masked to the keys of the current window."""
+        key = (self.row_bucket(rows), self.length_bucket(max_len))
         pool = self.__dict__.setdefault("_pool", {})
         cache = pool.pop(key, None)
         if cache is None:
-            cache = self.model.new_cache(*key)
             while len(pool) >= self.POOL:  # evict the least recently used, with its graphs
                 old = pool.pop(next(iter(pool)))
-                self._graphs = {k: v for k, v in self._graphs.items() if k[3] != id(old)}
+                gone = {id(old.k), id(getattr(old, "_view_k", None))}  # its own and its SPRINT view's
+                self._graphs = {k: v for k, v in self._graphs.items() if k[3] not in gone}
+            cache = self._cache(*key)
         pool[key] = cache  # most recently used last
         cache.view = None
         cache.real_rows = rows
         return cache
 
+    def _cache(self, rows: int, max_len: int) -> PooledCache:
+        cfg = self.model.config
+        return PooledCache(cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len, cfg.head_dim,
+                           device=self.model.device, dtype=self.model.dtype)
+
     def new_rows(self, rows: int, max_len: int) -> KVCache:
         """An unpooled cache for rows joining a running batch (``new_cache`` may hand out its pool)."""
-        return self.model.new_cache(rows, -(-max_len // self.CACHE_QUANTUM) * self.CACHE_QUANTUM)
+        return self._cache(rows, self.length_bucket(max_len))
 
     def extend_cache(self, cache: KVCache, extra: KVCache) -> KVCache:
         """The running batch's cache plus the joining rows: in place when they fit its row bucket (its
@@ -257,6 +325,21 @@ class FastBackboneLogits:
             positions = torch.cat([positions, positions.new_zeros(pad, positions.shape[1])])
         return ids, positions, write_index, full
 
+    def _view_inputs(self, ids: Tensor, start: int, pad_lens: Tensor, cache: KVCache, view: _FastView):
+        """A pruned step: the window [start, end) attends to the kept keys and the whole window (the
+        official SPRINT step), its K/V written after the kept keys; RoPE keeps the true positions."""
+        end = start + ids.shape[1]
+        if (start, end) != (view.start, view.end):
+            raise ValueError(f"the cache view is of [{view.start}, {view.end}), the window [{start}, {end})")
+        positions = rope_positions(start, end, pad_lens)
+        mask = view.visible[:, None, None, :].expand(cache.rows, 1, ids.shape[1], cache.max_len)
+        write_index = torch.arange(view.kept, view.kept + ids.shape[1], device=ids.device)
+        pad = cache.rows - ids.shape[0]
+        if pad:
+            ids = torch.cat([ids, ids.new_zeros(pad, ids.shape[1])])
+            positions = torch.cat([positions, positions.new_zeros(pad, positions.shape[1])])
+        return ids, positions, write_index, mask
+
     @torch.inference_mode()
     def __call__(self, ids: Tensor, start: int, pad_lens: Tensor, cache, num_logits: int) -> Tensor:
         if cache is None:  # uncached windows: the clear path
@@ -267,8 +350,16 @@ class FastBackboneLogits:
         rows = ids.shape[0]
         if rows > cache.rows:
             raise ValueError(f"{rows} rows do not fit a cache of {cache.rows}")
-        ids, positions, write_index, mask = self._inputs(ids, start, pad_lens, cache)
-        key = (ids.shape[0], ids.shape[1], num_logits, id(cache))
+        view = cache.view
+        if view is not None:
+            if not isinstance(view, _FastView):
+                raise ValueError("this cache's SPRINT view is not the fast path's: use a cache from new_cache")
+            ids, positions, write_index, mask = self._view_inputs(ids, start, pad_lens, cache, view)
+            cache = view  # the step reads and writes .k / .v: the view's buffers
+        else:
+            ids, positions, write_index, mask = self._inputs(ids, start, pad_lens, cache)
+        # A graph is tied to the K/V buffers it was captured on (a cache's, or its SPRINT view's).
+        key = (ids.shape[0], ids.shape[1], num_logits, id(cache.k))
         if not self.graphs or ids.shape[1] not in self.GRAPH_WINDOWS:
             return self.step(ids, positions, write_index, mask, cache, num_logits)[:rows]
         graph = self._graphs.get(key)
@@ -279,27 +370,34 @@ class FastBackboneLogits:
                             ("mask", mask)):
             static[name].copy_(value)
         graph["graph"].replay()
-        return graph["out"][:rows].clone()
+        return graph["out"][:rows].float()  # the graph keeps bf16 logits; fp32 for the sampler
 
-    def warm_up(self, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32), max_len: int = 2048) -> float:
-        """Compile and capture the steady and first-of-block steps for these row buckets now (a server
-        pays this once at start); returns the seconds it took."""
+    def warm_up(self, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32), lengths: tuple[int, ...] = (2048,)) -> dict:
+        """Compile and capture, now, the steps a generation replays (first-of-block and steady windows)
+        for these row buckets and cache lengths, and one prefill-length window (compiled, eager); a
+        server pays this once at start. The pool grows to hold every warmed cache, so none of their
+        graphs is evicted. Returns what was done: seconds, graphs, compiled graphs, caches."""
         import time
         t = time.perf_counter()
-        for r in rows:
-            cache = self.new_cache(r, max_len)
-            ids = torch.zeros(r, self.GRAPH_WINDOWS[-1], dtype=torch.long, device=self.model.device)
-            pads = torch.zeros(r, dtype=torch.long, device=self.model.device)
+        keys = {(self.row_bucket(r), self.length_bucket(n)) for r in rows for n in lengths}
+        self.POOL = max(self.POOL, len(keys) + 2)  # + room for the odd other size
+        device = self.model.device
+        for r, n in sorted(keys):
+            cache = self.new_cache(r, n)
+            ids = torch.zeros(r, self.GRAPH_WINDOWS[-1], dtype=torch.long, device=device)
+            pads = torch.zeros(r, dtype=torch.long, device=device)
             for window in self.GRAPH_WINDOWS:
                 self(ids[:, :window], 0, pads, cache, self.block_length)
-            self(ids[:, :48], 0, pads, cache, self.block_length)  # a prefill-length window, compiled
-        if self.model.device.type == "cuda":
+            self(ids[:, :48], 0, pads, cache, self.block_length)  # a prefill-length window
+        if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return {"seconds": round(time.perf_counter() - t, 2), "graphs": len(self._graphs),
+                "compiled": self.step.compiles, "caches": sorted(keys)}
 
     def _capture(self, key, ids, positions, write_index, mask, cache, num_logits) -> dict:
-        # A graph is tied to one cache object (its buffers are baked in); the graphs of a cache leave
-        # with it when the pool evicts it, which releases their memory.
+        # A graph is tied to one cache's buffers (baked in); the graphs of a cache leave with it when
+        # the pool evicts it. All graphs share one memory pool: they never run concurrently, and each
+        # one's output stays allocated (held here), so no capture can reuse another's output.
         inputs = {"ids": ids.clone(), "positions": positions.clone(), "write_index": write_index.clone(),
                   "mask": mask.clone()}
         stream = torch.cuda.Stream()
@@ -307,28 +405,31 @@ class FastBackboneLogits:
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: compilation, allocator and library handles, outside the graph
                 self.step(inputs["ids"], inputs["positions"], inputs["write_index"], inputs["mask"], cache,
-                          num_logits)
+                          num_logits, fp32=False)
         torch.cuda.current_stream().wait_stream(stream)
+        if getattr(self, "_mempool", None) is None:
+            self._mempool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._mempool):
             out = self.step(inputs["ids"], inputs["positions"], inputs["write_index"], inputs["mask"], cache,
-                            num_logits)
+                            num_logits, fp32=False)
         entry = {"graph": graph, "inputs": inputs, "out": out}
         self._graphs[key] = entry
         return entry
 
 
 def accelerate(pipe, *, eager: bool = False, compile_step: bool | None = None,
-               compile_decoder: bool | None = None) -> bool:
-    """Give a pipeline the fast path: grouped MoE, CUDA graphs unless ``eager``, and on CUDA (unless
-    switched off) torch.compile of the per-layer step (``StaticStep``) and of the DiT blocks.
+               compile_decoder: bool | None = None, moe: str = "auto") -> bool:
+    """Give a pipeline the fast path: the fused (Triton) or grouped MoE dispatch (``moe``, see
+    ``use_fast_moe``), CUDA graphs unless ``eager``, and on CUDA (unless switched off) torch.compile
+    of the per-layer step (``StaticStep``) and of the DiT blocks.
 
-    Returns whether the grouped MoE is in use. ``pipe.logits_fn`` can be set back to a
+    Returns whether a host-sync-free MoE dispatch is in use. ``pipe.logits_fn`` can be set back to a
     ``BackboneLogits`` to return to the clear path.
     """
     if compile_step is None:
         compile_step = (not eager) and pipe.model.device.type == "cuda"
-    pipe.logits_fn = FastBackboneLogits(pipe.model, eager=eager, compile=compile_step)
+    pipe.logits_fn = FastBackboneLogits(pipe.model, eager=eager, compile=compile_step, moe=moe)
     if compile_decoder is None:
         compile_decoder = (not eager) and pipe.image_device.type == "cuda"
     pipe.compile_decoder = compile_decoder
@@ -338,3 +439,36 @@ def accelerate(pipe, *, eager: bool = False, compile_step: bool | None = None,
             if compile_decoder:
                 dit.compile_repeated_blocks(fullgraph=True)
     return pipe.logits_fn.grouped
+
+
+def warm_up(pipe, *, max_rows: int = 64, size: tuple[int, int] | None = (1024, 1024),
+            text_tokens: int = 512) -> dict:
+    """What a server pays once at start, so that no request pays it: compile the step and capture
+    its CUDA graphs for every row bucket up to ``max_rows`` at the cache lengths of a ``size``
+    (height, width) T2I canvas and a ``text_tokens`` answer, and compile the DiT for ``size`` (one
+    turbo decode). Other sizes still work: their graphs are captured when first seen (no compile).
+    Returns what was done, with seconds; {} when the pipeline has no fast path."""
+    import time
+    fn = pipe.logits_fn
+    if not isinstance(fn, FastBackboneLogits) or not fn.graphs:
+        return {}
+    t = time.perf_counter()
+    rows = tuple(1 << i for i in range(FastBackboneLogits.row_bucket(max_rows).bit_length()))
+    lengths = [text_tokens + 256]  # a chat prompt and its answer
+    grid = None
+    if size is not None:
+        grid = (size[0] // 32, size[1] // 32)  # 16 px per code, x2 by the decoder
+        header = len(pipe.tokens.t2i_prompts("warm up", *grid)[0])
+        lengths.append(header + grid[0] * grid[1] + 2 * fn.block_length)
+    report = {"backbone": fn.warm_up(rows, tuple(lengths))}
+    if grid is not None and getattr(pipe, "compile_decoder", False):
+        try:
+            decoder = pipe.image_decoder
+        except Exception:  # noqa: BLE001 - a backbone-only checkpoint has no decoder to warm
+            decoder = None
+        if decoder is not None:
+            t_dec = time.perf_counter()
+            pipe.decode_tokens([0] * (grid[0] * grid[1]), *grid, mode="turbo", seed=0)
+            report["decoder_seconds"] = round(time.perf_counter() - t_dec, 2)
+    report["seconds"] = round(time.perf_counter() - t, 2)
+    return report

@@ -206,3 +206,21 @@ def test_extend_cache_keeps_every_row(tiny_model):
         assert (out is cache) == (ra + rb <= 4) and out.rows == fast.row_bucket(ra + rb)
         assert out.real_rows == ra + rb and out.length == 64
         assert torch.equal(out.k[:, : ra + rb], want_k) and torch.equal(out.v[:, : ra + rb], want_v)
+
+
+def test_warm_up_fills_the_pool_that_generations_then_reuse(tiny_dir):
+    from llada2uni.sampling.block import DenoiseRequest, generate
+    pipe = LLaDA2Uni.from_pretrained(tiny_dir, device="cpu", dtype="float32")
+    fast = FastBackboneLogits(pipe.model, eager=True)
+    assert [fast.length_bucket(n) for n in (1, 512, 513, 1500, 2049)] == [512, 512, 1024, 2048, 4096]
+    report = fast.warm_up(rows=(1, 2, 3, 8), lengths=(300, 1500))
+    keys = [(1, 512), (1, 2048), (2, 512), (2, 2048), (4, 512), (4, 2048), (8, 512), (8, 2048)]
+    assert report["caches"] == keys and sorted(fast._pool) == keys
+    assert fast.POOL >= len(keys)  # none of the warmed caches is evicted by the next ones
+    warmed = dict(fast._pool)
+    image = list(range(pipe.image_token_offset, pipe.image_token_offset + 4))
+    reqs = [DenoiseRequest(rows=[pipe.tokens.understand_prompt([(image, 2, 2)], q)], pad_lens=[0],
+                           gen_length=40, steps=4) for q in ("a", "b", "c")]
+    out = generate(fast, reqs, mask_id=pipe.tokens.ids.mask)
+    assert out.tokens == generate(BackboneLogits(pipe.model), reqs, mask_id=pipe.tokens.ids.mask).tokens
+    assert fast._pool == warmed and all(fast._pool[k] is warmed[k] for k in keys)  # reused, not new

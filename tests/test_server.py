@@ -540,3 +540,21 @@ def test_chat_stream_is_live(pipe, client, monkeypatch):
     assert kinds.count("content") >= 3
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == "a" * 100
+
+
+def test_server_warms_up_before_ready_and_reports_it(pipe, monkeypatch):
+    import llada2uni.runtime as runtime
+    calls = []
+
+    def fake(p, **kw):
+        calls.append(kw)
+        return {"seconds": 1.5, "backbone": {"graphs": 3}}
+    monkeypatch.setattr(runtime, "warm_up", fake)
+    with server(pipe, max_batch=4, default_size="96x64", default_max_tokens=100) as (url, _):
+        ready = httpx.get(f"{url}/ready").json()
+    assert ready["warm_up"] == {"seconds": 1.5, "backbone": {"graphs": 3}}
+    # every row bucket a full batch of image requests (two CFG rows each) reaches, the default size as (h, w)
+    assert calls == [{"max_rows": 8, "size": (64, 96), "text_tokens": 100}]
+    with server(pipe, warm_up=False) as (url, _):
+        assert httpx.get(f"{url}/ready").json()["warm_up"] is None
+    assert len(calls) == 1

@@ -58,7 +58,7 @@ class Recorder:
             # the kept keys in the compact buffer are the full cache's keys at those positions, per layer
             idx = view.idx
             for layer in range(cache.k.shape[0]):
-                for r in range(cache.rows):
+                for r in range(idx.shape[1]):
                     assert torch.equal(view.k[layer, r, :, : view.kept], cache.k[layer, r, :, idx[layer, r]])
             snap = (idx.clone(), view.valid.clone())
         self.calls.append((start, ids.shape[1], num_logits, snap))
@@ -411,3 +411,34 @@ def test_pipeline_keeps_sprint_on_a_fast_path_without_views(pipe, monkeypatch):
     assert fast.calls == 0 and pipe.last_stats["pruned"]
     pipe.edit_image(_image(pipe, 2, 3), 2, 3, "make it blue", steps=2, use_sprint=True)
     assert fast.calls > 0
+
+
+def test_fast_path_runs_the_pruned_steps_and_equals_the_clear_path(pipe):
+    """SPRINT on ``runtime.FastBackboneLogits`` (pooled cache, rows padded to a bucket, the view in a
+    persistent buffer of the cache's shape) commits the same tokens as on the clear path, pruning
+    included; the pruned steps run on the fast path (no swap to the clear one)."""
+    from llada2uni.runtime import FastBackboneLogits
+    mask, off = pipe.tokens.ids.mask, pipe.image_token_offset
+    sprint = Sprint(keep_ratio=0.5, cache_warmup_steps=1)
+
+    def requests():  # 3 rows: a bucket of 4, one padding row
+        rows, pads = align_rows(pipe.tokens.t2i_prompts("a cat", 2, 8), mask)
+        return [
+            DenoiseRequest(rows=[pipe.tokens.understand_prompt([(_image(pipe, 4, 4), 4, 4)], "What?")],
+                           pad_lens=[0], gen_length=70, steps=4),
+            DenoiseRequest(rows=rows, pad_lens=pads, gen_length=16, steps=8, vocab=(off, pipe.config.vocab_size),
+                           guidance=Guidance("simple", scale=2.0)),
+        ]
+    clear = generate(pipe.logits_fn, requests(), mask_id=mask, sprint=sprint, image_offset=off)
+    fast = Recorder(FastBackboneLogits(pipe.model, eager=True))
+    try:
+        out = generate(fast, requests(), mask_id=mask, sprint=sprint, image_offset=off)
+    finally:
+        from llada2uni.ops.moe import experts_reference
+        for m in pipe.model.modules():  # the module's pipe stays on the clear dispatch
+            if hasattr(m, "dispatch"):
+                m.dispatch = experts_reference
+    assert fast.cache.rows == 4 and fast.cache.real_rows == 3
+    assert out.pruned and [p.kept for p in out.pruned] == [p.kept for p in clear.pruned]
+    assert sum(snap is not None for *_, snap in fast.calls) > 0  # pruned steps ran on the fast path
+    assert out.tokens == clear.tokens and out.forwards == clear.forwards

@@ -36,7 +36,7 @@ class LogitsFn(Protocol):
 
         Optional method new_cache(rows, max_len) -> cache; without it the loop runs uncached.
         Optional attribute sprint_views = True: its cache is a ``sprint.PrunableCache`` and its
-        forward honours the cache's view and probe; SPRINT's prefix reuse and pruning need it.
+        forward honours the cache's view; SPRINT's prefix reuse and pruning need it.
         """
 
 
@@ -95,8 +95,9 @@ def _pruned_view(cache: Any, sprint: Sprint, x: LongTensor, conf: torch.Tensor, 
     counts = keep_counts(lo, pin.sum(-1), sprint.keep_ratio)  # [R]
     kept = int(counts.max())
     idx = []
+    n = x.shape[0]  # a fast path's cache may hold padding rows past the batch's own
     for layer in range(cache.k.shape[0]):
-        keep = keep_mask(cache.k[layer, :, :, :lo], conf[:, :lo], pin, counts, sprint.alpha)
+        keep = keep_mask(cache.k[layer, :n, :, :lo], conf[:, :lo], pin, counts, sprint.alpha)
         # Stable sort of "not kept" brings the kept indices first, in ascending order.
         idx.append(torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[:, :kept])
     valid = torch.arange(kept, device=x.device)[None, :] < counts[:, None]  # [R, K]

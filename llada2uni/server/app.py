@@ -55,6 +55,7 @@ class ServerConfig:
     default_max_tokens: int = 512
     default_size: str = "1024x1024"
     allow_remote_images: bool = False  # fetch http(s) image_url in chat messages
+    warm_up: bool = True  # compile and capture the fast path's shapes before /ready (runtime.warm_up)
 
 
 class BodyTooLarge(Exception):
@@ -117,6 +118,7 @@ class _State:
         self.error: str | None = None
         self.can_encode = self.can_decode = False
         self.cleanup: Callable[[], None] | None = None
+        self.warm_up: dict | None = None
 
     def start(self) -> None:
         if self.pipe is not None:
@@ -143,6 +145,15 @@ class _State:
                 log.warning("no %s: %s (image %s requests will be refused)", attr, e,
                             "input" if attr == "image_tokenizer" else "output")
         c = self.config
+        if c.warm_up:
+            from ..runtime import warm_up
+            w, h = parse_size(c.default_size, max_side=c.max_side, param="default_size")
+            log.info("warming up the fast path (compile and CUDA-graph capture)")
+            # every row bucket a full batch reaches: CFG gives an image request two rows
+            self.warm_up = warm_up(self.pipe, max_rows=2 * c.max_batch, size=(h, w) if self.can_decode else None,
+                                   text_tokens=c.default_max_tokens)
+            if self.warm_up:
+                log.info("warm-up done in %.1f s", self.warm_up["seconds"])
         self.scheduler = Scheduler(self.pipe, SchedulerConfig(max_batch=c.max_batch, max_queue=c.max_queue,
                                                               request_timeout=c.request_timeout)).start()
 
@@ -232,7 +243,8 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
                                 headers={"Retry-After": "5"})
         return {"status": "ready", "model": config.model_id, "device": str(state.pipe.device),
                 "image_input": state.can_encode,
-                "image_output": state.can_decode, "scheduler": state.scheduler.stats()}
+                "image_output": state.can_decode, "warm_up": state.warm_up or None,
+                "scheduler": state.scheduler.stats()}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():

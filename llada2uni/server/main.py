@@ -59,7 +59,8 @@ def serve(args) -> int:
     config = ServerConfig(model_id=model_id, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                           request_timeout=args.request_timeout, max_body_bytes=int(args.max_body_mb * 2 ** 20),
                           max_image_pixels=args.max_image_pixels, default_size=args.default_size,
-                          allow_remote_images=args.allow_remote_images)
+                          allow_remote_images=args.allow_remote_images,
+                          warm_up=getattr(args, "warm_up", True))
     app = create_app(config, loader=partial(load_model, args.model, device=args.device, dtype=args.dtype,
                                             low_memory=args.low_memory))
     print(f"llada2uni: serving {model_id} on http://{args.host}:{args.port}/ (model loading; GET /ready)",
