@@ -17,13 +17,13 @@ for what in "$@"; do
       timeout 200 python3 -m pytest -q -x tests/test_parity.py tests/test_sprint.py tests/test_sampling.py \
           2>&1 | tee "$OUT/cpu_tests_on_gpu_box.log" | tail -3 ;;
     load)  # the sweep: chat (32 steps, 128 tokens) and T2I 512 px at 1, 8, 32, 64 clients
-      timeout 480 python3 benchmarks/load_test.py --full --device cuda --task chat,t2i --size 512x512 --steps 32 \
+      timeout 400 python3 benchmarks/load_test.py --full --device cuda --task chat,t2i --size 512x512 --steps 32 --t2i-steps 8 \
           --max-tokens 128 --clients 1,8,32,64 --requests 8 --requests-per-client 2 --max-queue 128 --warmup 0 \
           2>&1 | tee "$OUT/load_test.log" | tail -14 ;;
     moe)
       timeout 300 python3 benchmarks/bench_moe.py --sweep 2>&1 | tee "$OUT/bench_moe.log" | tail -10 ;;
     sprint)
-      timeout 300 python3 benchmarks/bench_sprint.py --device cuda --full --reps 2 2>&1 \
+      timeout 170 python3 benchmarks/bench_sprint.py --device cuda --full --reps 2 2>&1 \
           | tee "$OUT/bench_sprint.log" | tail -14 ;;
     e2e)
       timeout 300 python3 benchmarks/bench_e2e.py 2>&1 | tee "$OUT/bench_e2e.log" | tail -12 ;;

@@ -90,7 +90,8 @@ def request_for(i: int, args, task: str) -> tuple[str, dict]:
     task = task if task != "mixed" else ("t2i", "chat")[i % 2]
     if task == "t2i":
         return "/v1/images/generations", {
-            "prompt": f"picture number {i}: a lighthouse on a cliff", "size": args.size, "steps": args.steps,
+            "prompt": f"picture number {i}: a lighthouse on a cliff", "size": args.size,
+            "steps": args.t2i_steps or args.steps,
             "seed": i, "decoder_steps": args.decoder_steps,
             "response_format": "tokens" if args.full else "b64_json"}
     return "/v1/chat/completions", {
@@ -232,6 +233,7 @@ def main() -> None:
     ap.add_argument("--task", default="mixed", help="t2i, chat or mixed; a comma list runs each in turn")
     ap.add_argument("--size", default="64x64")
     ap.add_argument("--steps", type=int, default=4, help="denoising steps per block")
+    ap.add_argument("--t2i-steps", type=int, default=None, help="steps per block of image requests (default --steps)")
     ap.add_argument("--decoder-steps", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64, help="chat answer length")
     ap.add_argument("--max-batch", type=int, default=32)

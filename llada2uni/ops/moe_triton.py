@@ -110,11 +110,11 @@ if triton is not None:
 
 
 # (block_m, gate/up BN, BK, warps, stages), (down BN, BK, warps, stages) by tokens per touched expert;
-# measured with benchmarks/bench_moe.py (RESULTS.md).
+# the best of benchmarks/bench_moe.py --sweep on an H200 (RESULTS.md).
 CONFIGS = {
-    16: ((16, 64, 128, 4, 4), (64, 128, 4, 4)),
-    32: ((32, 64, 128, 4, 4), (64, 128, 4, 4)),
-    64: ((64, 64, 64, 4, 4), (64, 64, 4, 4)),
+    16: ((16, 64, 128, 4, 3), (32, 128, 4, 3)),
+    32: ((32, 64, 64, 4, 3), (64, 64, 4, 3)),
+    64: ((64, 64, 64, 4, 3), (64, 64, 4, 3)),
 }
 
 
