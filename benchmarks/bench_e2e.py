@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from llada2uni.config import BackboneConfig  # noqa: E402
 from llada2uni.models.image_tokenizer import ImageTokenizer, ImageTokenizerConfig  # noqa: E402
 from llada2uni.pipeline import LLaDA2Uni  # noqa: E402
-from llada2uni.runtime import FastBackboneLogits, accelerate, use_fast_moe  # noqa: E402
+from llada2uni.runtime import FastBackboneLogits, accelerate  # noqa: E402
 from llada2uni.tiny import write_tiny_tokenizer  # noqa: E402
 from llada2uni.tokens import Tokens  # noqa: E402
 from llada2uni.weights import make_random  # noqa: E402
@@ -117,8 +117,7 @@ def main():
         probe(ids[:, 1088:], 1088, pads, cache, 32)
     step_floor = step_bytes(cfg, counter.unique, 2, 1088)["total"] / (bw * 1e9)
     results["step_floor_ms"] = round(step_floor * 1e3, 2)
-    if not args.eager:
-        use_fast_moe(model)  # the probe left the default dispatch; keep pipe.logits_fn and its graphs
+    # pipe.logits_fn and its graphs stay: the probe set the same default dispatch, ExpertCounter restored it
     from llada2uni.models.decoder import latents_to_image
     _, vae_s = sync_time(lambda: latents_to_image(dec.vae, torch.randn(1, 16, 128, 128, device=device)))
     dit_floor = 8 * dit_flops(dit.config, 4096, 4096, 1) / (rate * 1e12)

@@ -276,9 +276,9 @@ def main() -> None:
         ready_s = time.perf_counter() - t_start
         print(f"server ready after {ready_s:.1f} s; warm-up: {ready.get('warm_up')}", flush=True)
         sweep = [int(c) for c in args.clients.split(",")]
+        warmup = max(sweep) if args.warmup is None else args.warmup
         for task in tasks:
             first[task] = round(asyncio.run(first_requests(base, args, task)), 2)
-            warmup = max(sweep) if args.warmup is None else args.warmup
             if warmup:  # batch shapes seen once before measuring (what the server's warm-up left out)
                 asyncio.run(run_level(base, max(sweep), warmup, args, task))
             for clients in sweep:

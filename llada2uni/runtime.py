@@ -312,6 +312,15 @@ class FastBackboneLogits:
         target.length = cache.length
         return target
 
+    @staticmethod
+    def _pad_rows(ids: Tensor, positions: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """ids/positions padded with zero rows up to the cache's row bucket (inert: they see nothing)."""
+        pad = rows - ids.shape[0]
+        if pad:
+            ids = torch.cat([ids, ids.new_zeros(pad, ids.shape[1])])
+            positions = torch.cat([positions, positions.new_zeros(pad, positions.shape[1])])
+        return ids, positions
+
     def _inputs(self, ids: Tensor, start: int, pad_lens: Tensor, cache: KVCache):
         end = start + ids.shape[1]
         positions = rope_positions(start, end, pad_lens)
@@ -319,11 +328,7 @@ class FastBackboneLogits:
         full = torch.zeros(cache.rows, *mask.shape[1:-1], cache.max_len, dtype=torch.bool, device=mask.device)
         full[: mask.shape[0], ..., :end] = mask  # padding rows see nothing
         write_index = torch.arange(start, end, device=ids.device)
-        pad = cache.rows - ids.shape[0]
-        if pad:
-            ids = torch.cat([ids, ids.new_zeros(pad, ids.shape[1])])
-            positions = torch.cat([positions, positions.new_zeros(pad, positions.shape[1])])
-        return ids, positions, write_index, full
+        return (*self._pad_rows(ids, positions, cache.rows), write_index, full)
 
     def _view_inputs(self, ids: Tensor, start: int, pad_lens: Tensor, cache: KVCache, view: _FastView):
         """A pruned step: the window [start, end) attends to the kept keys and the whole window (the
@@ -334,11 +339,7 @@ class FastBackboneLogits:
         positions = rope_positions(start, end, pad_lens)
         mask = view.visible[:, None, None, :].expand(cache.rows, 1, ids.shape[1], cache.max_len)
         write_index = torch.arange(view.kept, view.kept + ids.shape[1], device=ids.device)
-        pad = cache.rows - ids.shape[0]
-        if pad:
-            ids = torch.cat([ids, ids.new_zeros(pad, ids.shape[1])])
-            positions = torch.cat([positions, positions.new_zeros(pad, positions.shape[1])])
-        return ids, positions, write_index, mask
+        return (*self._pad_rows(ids, positions, cache.rows), write_index, mask)
 
     @torch.inference_mode()
     def __call__(self, ids: Tensor, start: int, pad_lens: Tensor, cache, num_logits: int) -> Tensor:

@@ -307,21 +307,25 @@ def test_pads_visible_after_warmup(tiny_model):
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def _mixed_requests(pipe):
+    """An understanding request (1 row) and a CFG T2I request (2 left-aligned rows): 3 rows in all."""
+    mask, off = pipe.tokens.ids.mask, pipe.image_token_offset
+    rows, pads = align_rows(pipe.tokens.t2i_prompts("a cat", 2, 8), mask)
+    return [
+        DenoiseRequest(rows=[pipe.tokens.understand_prompt([(_image(pipe, 4, 4), 4, 4)], "What?")],
+                       pad_lens=[0], gen_length=70, steps=4),
+        DenoiseRequest(rows=rows, pad_lens=pads, gen_length=16, steps=8, vocab=(off, pipe.config.vocab_size),
+                       guidance=Guidance("simple", scale=2.0)),
+    ]
+
+
 def test_batched_equals_alone_with_pruning(pipe):
     mask, off = pipe.tokens.ids.mask, pipe.image_token_offset
     sprint = Sprint(keep_ratio=0.5, cache_warmup_steps=1)
 
-    def requests():
-        rows, pads = align_rows(pipe.tokens.t2i_prompts("a cat", 2, 8), mask)
-        return [
-            DenoiseRequest(rows=[pipe.tokens.understand_prompt([(_image(pipe, 4, 4), 4, 4)], "What?")],
-                           pad_lens=[0], gen_length=70, steps=4),
-            DenoiseRequest(rows=rows, pad_lens=pads, gen_length=16, steps=8, vocab=(off, pipe.config.vocab_size),
-                           guidance=Guidance("simple", scale=2.0)),
-        ]
-    batched = generate(pipe.logits_fn, requests(), mask_id=mask, sprint=sprint, image_offset=off)
+    batched = generate(pipe.logits_fn, _mixed_requests(pipe), mask_id=mask, sprint=sprint, image_offset=off)
     alone = [generate(pipe.logits_fn, [r], mask_id=mask, sprint=sprint, image_offset=off).tokens[0]
-             for r in requests()]
+             for r in _mixed_requests(pipe)]
     assert batched.tokens == alone
 
 
@@ -421,18 +425,11 @@ def test_fast_path_runs_the_pruned_steps_and_equals_the_clear_path(pipe):
     mask, off = pipe.tokens.ids.mask, pipe.image_token_offset
     sprint = Sprint(keep_ratio=0.5, cache_warmup_steps=1)
 
-    def requests():  # 3 rows: a bucket of 4, one padding row
-        rows, pads = align_rows(pipe.tokens.t2i_prompts("a cat", 2, 8), mask)
-        return [
-            DenoiseRequest(rows=[pipe.tokens.understand_prompt([(_image(pipe, 4, 4), 4, 4)], "What?")],
-                           pad_lens=[0], gen_length=70, steps=4),
-            DenoiseRequest(rows=rows, pad_lens=pads, gen_length=16, steps=8, vocab=(off, pipe.config.vocab_size),
-                           guidance=Guidance("simple", scale=2.0)),
-        ]
-    clear = generate(pipe.logits_fn, requests(), mask_id=mask, sprint=sprint, image_offset=off)
+    # 3 rows: a bucket of 4, one padding row
+    clear = generate(pipe.logits_fn, _mixed_requests(pipe), mask_id=mask, sprint=sprint, image_offset=off)
     fast = Recorder(FastBackboneLogits(pipe.model, eager=True))
     try:
-        out = generate(fast, requests(), mask_id=mask, sprint=sprint, image_offset=off)
+        out = generate(fast, _mixed_requests(pipe), mask_id=mask, sprint=sprint, image_offset=off)
     finally:
         from llada2uni.ops.moe import experts_reference
         for m in pipe.model.modules():  # the module's pipe stays on the clear dispatch
