@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install the carried wheels, run the GPU tests, then the named benchmarks,
 # each under its own time limit, every log under $OUT. Usage (from the repository root, on the GPU
-# machine, with .whl carried):  bash benchmarks/gpu_session.sh [tests] [load] [sprint] [backbone] [e2e] [moe]
+# machine, with .whl carried):  bash benchmarks/gpu_session.sh [tests] [load] [sprint] [backbone] [e2e] [moe] [profile]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -13,7 +13,7 @@ git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/card.txt"
 for what in "$@"; do
   case "$what" in
     tests)  # the GPU tests, and the parity and SPRINT suites under the machine's torch/transformers
-      timeout 300 python3 -m pytest -q -m gpu tests/test_runtime.py tests/test_moe.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+      timeout 300 python3 -m pytest -q -m gpu tests/test_runtime.py tests/test_moe.py tests/test_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
       timeout 200 python3 -m pytest -q -x tests/test_parity.py tests/test_sprint.py tests/test_sampling.py \
           2>&1 | tee "$OUT/cpu_tests_on_gpu_box.log" | tail -3 ;;
     load)  # the sweep: chat (32 steps, 128 tokens) and T2I 512 px at 1, 8, 32, 64 clients
@@ -27,6 +27,10 @@ for what in "$@"; do
           | tee "$OUT/bench_sprint.log" | tail -14 ;;
     e2e)
       timeout 300 python3 benchmarks/bench_e2e.py 2>&1 | tee "$OUT/bench_e2e.log" | tail -12 ;;
+    profile)  # where a compiled step's GPU time goes: 1 and 32 rows at the T2I prefix
+      for rows in 1 32; do
+        timeout 150 python3 benchmarks/profile_step.py --compile --rows "$rows" 2>&1 | tee "$OUT/profile_r$rows.log" | tail -3
+      done ;;
     backbone)
       timeout 300 python3 benchmarks/bench_backbone.py --no-clear 2>&1 | tee "$OUT/bench_backbone.log" | tail -12 ;;
   esac

@@ -1,9 +1,10 @@
 """Where a cached backbone step spends its time: torch.profiler over CUDA-graph-free steps.
 
-    python benchmarks/profile_step.py [--rows 2 --prefix 1088]
+    python benchmarks/profile_step.py [--rows 2 --prefix 1088] [--compile] [--attention sdpa]
 
 Prints the top CUDA kernels by total time (grouped by name) for one eager cached step with the
-grouped MoE, so the RESULTS file can say where the time goes relative to the memory floor.
+default (fused) MoE, compiled step parts with ``--compile``, so the RESULTS file can say where the
+time goes relative to the memory floor.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--prefix", type=int, default=1088)
+    ap.add_argument("--compile", action="store_true", help="the compiled step parts (no graph)")
+    ap.add_argument("--attention", default="auto", choices=("auto", "sdpa"))
     args = ap.parse_args()
     cfg = BackboneConfig()
     model = make_random(cfg, device="cuda", dtype=torch.bfloat16)
-    fast = FastBackboneLogits(model, eager=True)
+    fast = FastBackboneLogits(model, eager=True, compile=args.compile, attention=args.attention)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.rows, args.prefix + 32), generator=g).cuda()
     pads = torch.zeros(args.rows, dtype=torch.long, device="cuda")

@@ -1,12 +1,15 @@
-"""The fast path, applied from outside the model: fused MoE, static-shape cached steps, CUDA graphs.
+"""The fast path, applied from outside the model: fused MoE, window attention, static-shape cached steps,
+CUDA graphs.
 
 ``FastBackboneLogits`` is a drop-in ``logits_fn`` for the block sampler. Each cached denoising step
 writes the window's K/V into the cache at its physical positions (``index_copy_`` on a device index,
-so no Python int reaches the kernels) and attends over the whole preallocated cache with a mask that
-hides everything past the window. Shapes then depend only on (rows, window length), so one CUDA graph
-per shape replays every step of a generation; the first step of a block (finished block + new block,
-64 tokens) and the steady steps (32 tokens) are two graphs. Prefill windows longer than that run
-eagerly. ``eager=True`` turns graphs off; the clear ``BackboneLogits`` remains the reference.
+so no Python int reaches the kernels) and attends to the keys the window may see, given as two small
+device tensors (``key_ok`` per key, ``kv_lim`` per query; ``ops/attention_triton.py``), so the
+kernel reads only those keys however long the preallocated cache. Shapes then depend only on (rows,
+window length), so one CUDA graph per shape replays every step of a generation; the first step of a
+block (finished block + new block, 64 tokens) and the steady steps (32 tokens) are two graphs.
+Prefill windows longer than that run eagerly. ``eager=True`` turns graphs off; the clear
+``BackboneLogits`` remains the reference.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from torch import Tensor
 
 from .models.backbone import LLaDA2MoeForLM, MoE, apply_partial_rope, rope_cos_sin
 from .models.cache import KVCache
-from .ops.attention import attend, block_causal_mask, rope_positions
+from .ops.attention import block_causal_mask, rope_positions
+from .ops.attention_triton import window_attention, window_attention_reference
 from .ops.moe import experts_grouped, experts_reference, grouped_supported, route
 
 
@@ -148,13 +152,14 @@ def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _attention_part(h, cos, sin, kc, vc, write_index, mask, ln_w, qkv_w, qkv_b, qn_w, kn_w, dense_w,
-                    dense_b, post_w, hq: int, hkv: int, d: int, eps: float):
+def _attention_part(h, cos, sin, kc, vc, write_index, key_ok, kv_lim, ln_w, qkv_w, qkv_b, qn_w, kn_w, dense_w,
+                    dense_b, post_w, hq: int, hkv: int, d: int, eps: float, attention=window_attention):
     """Norm, QKV, QK-norm, RoPE, cache write, attention, output projection, residual, post-norm.
 
     Weights come in as arguments so that one compiled graph serves every layer (same shapes).
     The window's K/V go into the cache at their physical positions (``index_copy_`` on a device index,
-    so no Python int reaches the kernels) and attention reads the whole cache under ``mask``.
+    so no Python int reaches the kernels); attention reads the keys that ``key_ok`` [R, S] and
+    ``kv_lim`` [T] let each query see (``ops.attention_triton.window_attention``).
     """
     r, t, _ = h.shape
     q, k, v = F.linear(_rms(h, ln_w, eps), qkv_w, qkv_b).view(r, t, hq + 2 * hkv, d).split([hq, hkv, hkv], 2)
@@ -164,7 +169,7 @@ def _attention_part(h, cos, sin, kc, vc, write_index, mask, ln_w, qkv_w, qkv_b, 
     q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
     kc.index_copy_(2, write_index, k)
     vc.index_copy_(2, write_index, v)
-    out = attend(q, kc, vc, mask, d ** -0.5)
+    out = attention(q, kc, vc, key_ok, kv_lim, d ** -0.5)
     h = h + F.linear(out.transpose(1, 2).reshape(r, t, hq * d), dense_w, dense_b)
     return h, _rms(h, post_w, eps)
 
@@ -182,8 +187,9 @@ def _combine_part(h, routed, x, sg, su, sd):
 class StaticStep:
     """One cached forward with static shapes: the same maths as ``model.forward`` with a cache.
 
-    ``step(ids, positions, write_index, mask, cache, num_logits)``: ids/positions [R, T]; write_index
-    [T] physical positions of the window; mask [R, 1, T, S_max] over the whole cache. Returns fp32
+    ``step(ids, positions, write_index, key_ok, kv_lim, cache, num_logits)``: ids/positions [R, T];
+    write_index [T] physical positions of the window; key_ok [R, S_max] the cache's real keys; kv_lim
+    [T] int32, query t sees keys j < kv_lim[t] (``ops.attention_triton``). Returns fp32
     logits [R, num_logits, V] (``fp32=False``: in the model's dtype, the same values before the cast).
 
     With ``compile=True`` the three per-layer parts (attention sub-layer, router, residual + shared
@@ -192,12 +198,20 @@ class StaticStep:
     differently, so compiled logits agree to bf16 tolerance, not bit for bit.
     """
 
-    def __init__(self, model: LLaDA2MoeForLM, *, compile: bool = False, backend: str = "inductor") -> None:
+    ATTENTION = {"auto": window_attention, "sdpa": window_attention_reference}
+
+    def __init__(self, model: LLaDA2MoeForLM, *, compile: bool = False, backend: str = "inductor",
+                 attention: str = "auto") -> None:
         self.model = model
+        if attention not in self.ATTENTION:
+            raise ValueError(f"attention must be one of {tuple(self.ATTENTION)}, got {attention!r}")
+        # "auto": the Triton window kernels where supported, else SDPA; "sdpa": SDPA under the full
+        # mask (the baseline the kernels are measured against)
+        self.attend = self.ATTENTION[attention]
         wrap = (lambda f, dims: _Compiled(f, dims, backend)) if compile else (lambda f, dims: f)
-        # h, cos, sin [R, T, .]; caches [R, Hkv, S, D]; write_index [T]; mask [R, 1, T, S]
+        # h, cos, sin [R, T, .]; caches [R, Hkv, S, D]; write_index [T]; key_ok [R, S]; kv_lim [T]
         self.attention = wrap(_attention_part, {0: (0, 1), 1: (0, 1), 2: (0, 1), 3: (0, 2), 4: (0, 2), 5: (0,),
-                                                6: (0, 2, 3)})
+                                                6: (0, 1), 7: (0,)})
         self.router = wrap(_router_part, {0: (0,)})  # x [R*T, H]
         self.combine = wrap(_combine_part, {0: (0, 1), 1: (0, 1), 2: (0, 1)})  # h, routed, x [R, T, H]
 
@@ -206,7 +220,8 @@ class StaticStep:
         """Graphs compiled so far over the three parts (0 when not compiling)."""
         return sum(getattr(p, "compiles", 0) for p in (self.attention, self.router, self.combine))
 
-    def __call__(self, ids, positions, write_index, mask, cache, num_logits, fp32: bool = True) -> Tensor:
+    def __call__(self, ids, positions, write_index, key_ok, kv_lim, cache, num_logits,
+                 fp32: bool = True) -> Tensor:
         model, cfg = self.model, self.model.config
         hq, hkv, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
         r, t = ids.shape
@@ -215,11 +230,12 @@ class StaticStep:
         for i, layer in enumerate(model.model.layers):
             att = layer.attention
             qk_norm = cfg.use_qk_norm
-            h, x = self.attention(h, cos, sin, cache.k[i], cache.v[i], write_index, mask,
+            h, x = self.attention(h, cos, sin, cache.k[i], cache.v[i], write_index, key_ok, kv_lim,
                                   layer.input_layernorm.weight, att.query_key_value.weight,
                                   att.query_key_value.bias, att.query_layernorm.weight if qk_norm else None,
                                   att.key_layernorm.weight if qk_norm else None, att.dense.weight,
-                                  att.dense.bias, layer.post_attention_layernorm.weight, hq, hkv, d, eps)
+                                  att.dense.bias, layer.post_attention_layernorm.weight, hq, hkv, d, eps,
+                                  self.attend)
             mlp = layer.mlp
             if not isinstance(mlp, MoE) or mlp.shared_experts is None:
                 h = h + mlp(x)
@@ -242,7 +258,7 @@ class FastBackboneLogits:
     sprint_views = True  # SPRINT's pruned steps run here too (``PooledCache.set_view``)
 
     def __init__(self, model: LLaDA2MoeForLM, block_length: int = 32, *, eager: bool = False,
-                 compile: bool = False, moe: str = "auto") -> None:
+                 compile: bool = False, moe: str = "auto", attention: str = "auto") -> None:
         self.model = model
         self.block_length = block_length
         self.moe = use_fast_moe(model, moe)  # the dispatch in use; None: the reference (syncs)
@@ -250,7 +266,7 @@ class FastBackboneLogits:
         # Graphs need a host-sync-free MoE dispatch and a CUDA device.
         self.graphs = (not eager) and self.grouped and model.device.type == "cuda"
         self._graphs: dict = {}
-        self.step = StaticStep(model, compile=compile and self.grouped)
+        self.step = StaticStep(model, compile=compile and self.grouped, attention=attention)
 
     CACHE_QUANTUM = 512
     POOL = 4  # caches (and their graphs) kept for reuse across generations; warm_up raises it
@@ -322,13 +338,17 @@ class FastBackboneLogits:
         return ids, positions
 
     def _inputs(self, ids: Tensor, start: int, pad_lens: Tensor, cache: KVCache):
+        """The window [start, end) sees its row's real keys (not left padding) in its own and earlier
+        blocks (spec 3.3): key j < kv_lim[t] = min(end, (block of query t + 1) * B)."""
         end = start + ids.shape[1]
+        dev = ids.device
         positions = rope_positions(start, end, pad_lens)
-        mask = block_causal_mask(start, end, pad_lens, self.block_length)  # [R, 1, T, end]
-        full = torch.zeros(cache.rows, *mask.shape[1:-1], cache.max_len, dtype=torch.bool, device=mask.device)
-        full[: mask.shape[0], ..., :end] = mask  # padding rows see nothing
-        write_index = torch.arange(start, end, device=ids.device)
-        return (*self._pad_rows(ids, positions, cache.rows), write_index, full)
+        key_ok = torch.zeros(cache.rows, cache.max_len, dtype=torch.bool, device=dev)  # padding rows: nothing
+        key_ok[: ids.shape[0]] = torch.arange(cache.max_len, device=dev)[None, :] >= pad_lens[:, None]
+        q = torch.arange(start, end, device=dev)
+        kv_lim = ((q // self.block_length + 1) * self.block_length).clamp_max(end).to(torch.int32)
+        write_index = torch.arange(start, end, device=dev)
+        return (*self._pad_rows(ids, positions, cache.rows), write_index, key_ok, kv_lim)
 
     def _view_inputs(self, ids: Tensor, start: int, pad_lens: Tensor, cache: KVCache, view: _FastView):
         """A pruned step: the window [start, end) attends to the kept keys and the whole window (the
@@ -337,9 +357,10 @@ class FastBackboneLogits:
         if (start, end) != (view.start, view.end):
             raise ValueError(f"the cache view is of [{view.start}, {view.end}), the window [{start}, {end})")
         positions = rope_positions(start, end, pad_lens)
-        mask = view.visible[:, None, None, :].expand(cache.rows, 1, ids.shape[1], cache.max_len)
-        write_index = torch.arange(view.kept, view.kept + ids.shape[1], device=ids.device)
-        return (*self._pad_rows(ids, positions, cache.rows), write_index, mask)
+        t = ids.shape[1]
+        kv_lim = torch.full((t,), view.kept + t, dtype=torch.int32, device=ids.device)
+        write_index = torch.arange(view.kept, view.kept + t, device=ids.device)
+        return (*self._pad_rows(ids, positions, cache.rows), write_index, view.visible, kv_lim)
 
     @torch.inference_mode()
     def __call__(self, ids: Tensor, start: int, pad_lens: Tensor, cache, num_logits: int) -> Tensor:
@@ -355,20 +376,20 @@ class FastBackboneLogits:
         if view is not None:
             if not isinstance(view, _FastView):
                 raise ValueError("this cache's SPRINT view is not the fast path's: use a cache from new_cache")
-            ids, positions, write_index, mask = self._view_inputs(ids, start, pad_lens, cache, view)
+            ids, positions, write_index, key_ok, kv_lim = self._view_inputs(ids, start, pad_lens, cache, view)
             cache = view  # the step reads and writes .k / .v: the view's buffers
         else:
-            ids, positions, write_index, mask = self._inputs(ids, start, pad_lens, cache)
+            ids, positions, write_index, key_ok, kv_lim = self._inputs(ids, start, pad_lens, cache)
         # A graph is tied to the K/V buffers it was captured on (a cache's, or its SPRINT view's).
         key = (ids.shape[0], ids.shape[1], num_logits, id(cache.k))
         if not self.graphs or ids.shape[1] not in self.GRAPH_WINDOWS:
-            return self.step(ids, positions, write_index, mask, cache, num_logits)[:rows]
+            return self.step(ids, positions, write_index, key_ok, kv_lim, cache, num_logits)[:rows]
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._capture(key, ids, positions, write_index, mask, cache, num_logits)
+            graph = self._capture(key, ids, positions, write_index, key_ok, kv_lim, cache, num_logits)
         static = graph["inputs"]
         for name, value in (("ids", ids), ("positions", positions), ("write_index", write_index),
-                            ("mask", mask)):
+                            ("key_ok", key_ok), ("kv_lim", kv_lim)):
             static[name].copy_(value)
         graph["graph"].replay()
         return graph["out"][:rows].float()  # the graph keeps bf16 logits; fp32 for the sampler
@@ -395,24 +416,24 @@ class FastBackboneLogits:
         return {"seconds": round(time.perf_counter() - t, 2), "graphs": len(self._graphs),
                 "compiled": self.step.compiles, "caches": sorted(keys)}
 
-    def _capture(self, key, ids, positions, write_index, mask, cache, num_logits) -> dict:
+    def _capture(self, key, ids, positions, write_index, key_ok, kv_lim, cache, num_logits) -> dict:
         # A graph is tied to one cache's buffers (baked in); the graphs of a cache leave with it when
         # the pool evicts it. All graphs share one memory pool: they never run concurrently, and each
         # one's output stays allocated (held here), so no capture can reuse another's output.
         inputs = {"ids": ids.clone(), "positions": positions.clone(), "write_index": write_index.clone(),
-                  "mask": mask.clone()}
+                  "key_ok": key_ok.clone(), "kv_lim": kv_lim.clone()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: compilation, allocator and library handles, outside the graph
-                self.step(inputs["ids"], inputs["positions"], inputs["write_index"], inputs["mask"], cache,
+                self.step(*(inputs[n] for n in ("ids", "positions", "write_index", "key_ok", "kv_lim")), cache,
                           num_logits, fp32=False)
         torch.cuda.current_stream().wait_stream(stream)
         if getattr(self, "_mempool", None) is None:
             self._mempool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._mempool):
-            out = self.step(inputs["ids"], inputs["positions"], inputs["write_index"], inputs["mask"], cache,
+            out = self.step(*(inputs[n] for n in ("ids", "positions", "write_index", "key_ok", "kv_lim")), cache,
                             num_logits, fp32=False)
         entry = {"graph": graph, "inputs": inputs, "out": out}
         self._graphs[key] = entry
