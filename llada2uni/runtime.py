@@ -25,7 +25,7 @@ from .models.cache import KVCache
 from .ops.attention import block_causal_mask, rope_positions
 from .ops.attention_triton import window_attention, window_attention_reference
 from .ops.moe import experts_grouped, experts_reference, grouped_supported, route
-
+from .ops.moe_triton import route_supported
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,13 @@ def _router_part(x, gate_w, bias, n_group: int, topk_group: int, top_k: int, sca
                  routed_scaling_factor=scale, norm_topk_prob=norm)
 
 
+def _fused_router(x, gate_w, bias, n_group: int, topk_group: int, top_k: int, scale: float, norm: bool):
+    """``_router_part`` with the top-k selection in one Triton launch (``moe_triton.route_triton``)."""
+    from .ops.moe_triton import route_triton
+    return route_triton(F.linear(x.float(), gate_w), bias, n_group=n_group, topk_group=topk_group, top_k=top_k,
+                        routed_scaling_factor=scale, norm_topk_prob=norm)
+
+
 def _combine_part(h, routed, x, sg, su, sd):
     """Residual + routed (fp32 sum, cast) + shared expert."""
     return h + (routed.to(h.dtype) + F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd))
@@ -201,7 +208,7 @@ class StaticStep:
     ATTENTION = {"auto": window_attention, "sdpa": window_attention_reference}
 
     def __init__(self, model: LLaDA2MoeForLM, *, compile: bool = False, backend: str = "inductor",
-                 attention: str = "auto") -> None:
+                 attention: str = "auto", fused_router: bool = False) -> None:
         self.model = model
         if attention not in self.ATTENTION:
             raise ValueError(f"attention must be one of {tuple(self.ATTENTION)}, got {attention!r}")
@@ -212,7 +219,8 @@ class StaticStep:
         # h, cos, sin [R, T, .]; caches [R, Hkv, S, D]; write_index [T]; key_ok [R, S]; kv_lim [T]
         self.attention = wrap(_attention_part, {0: (0, 1), 1: (0, 1), 2: (0, 1), 3: (0, 2), 4: (0, 2), 5: (0,),
                                                 6: (0, 1), 7: (0,)})
-        self.router = wrap(_router_part, {0: (0,)})  # x [R*T, H]
+        # fused_router: the Triton top-k (CUDA), with the fused MoE dispatch; else torch's (compiled)
+        self.router = _fused_router if fused_router else wrap(_router_part, {0: (0,)})  # x [R*T, H]
         self.combine = wrap(_combine_part, {0: (0, 1), 1: (0, 1), 2: (0, 1)})  # h, routed, x [R, T, H]
 
     @property
@@ -266,7 +274,9 @@ class FastBackboneLogits:
         # Graphs need a host-sync-free MoE dispatch and a CUDA device.
         self.graphs = (not eager) and self.grouped and model.device.type == "cuda"
         self._graphs: dict = {}
-        self.step = StaticStep(model, compile=compile and self.grouped, attention=attention)
+        self.step = StaticStep(model, compile=compile and self.grouped, attention=attention,
+                               fused_router=self.moe == "triton" and route_supported(model.config.num_experts,
+                                                                                     model.config.n_group))
 
     CACHE_QUANTUM = 512
     POOL = 4  # caches (and their graphs) kept for reuse across generations; warm_up raises it

@@ -9,8 +9,9 @@ and fall back to its unfused kernel; here the visibility is two small tensors in
 * ``kv_lim`` [T] int32: query t may see keys j < kv_lim[t] (the block-causal rule, spec 3.3).
 
 Both are device tensors, so one CUDA graph serves every step however far the window has moved.
-``_window`` is one program per (query tile, query head, row, key split): online softmax in fp32 over
-the split's key tiles, reading the KV head of its query head (GQA without copies). Short windows over
+``_window`` is one program per (tile of query rows, row x KV head, key split): the query heads of one
+KV head are one tile (GQA without copies, each K/V tile read once for all of them), online softmax in
+fp32 over the split's key tiles. Short windows over
 long caches use several key splits (flash-decoding), merged by ``_merge``; a query that sees no key
 gets a zero output, as ``ops.attention.attend`` (the reference this is tested against) gives.
 """
@@ -45,24 +46,27 @@ if triton is not None:
     @triton.jit
     def _window(q_ptr, k_ptr, v_ptr, ok_ptr, lim_ptr, o_ptr, ms_ptr, ls_ptr, scale,
                 sq_r, sq_h, sq_t, sk_r, sk_h, sk_s, so_r, so_h, so_t, T, S,
-                GROUP: tl.constexpr, HQ: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+                GROUP: tl.constexpr, HKV: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr):
-        tile_h = tl.program_id(0)
-        m_tile, h = tile_h // HQ, tile_h % HQ
-        r = tl.program_id(1).to(tl.int64)
+        # Query rows m = t * GROUP + g: the GROUP query heads of one KV head share every K/V tile.
+        m_tile = tl.program_id(0)
+        rk = tl.program_id(1)  # row * HKV + KV head
+        r, kvh = (rk // HKV).to(tl.int64), rk % HKV
         split = tl.program_id(2)
         offs_m = m_tile * BM + tl.arange(0, BM)
+        t = offs_m // GROUP
+        head = kvh * GROUP + offs_m % GROUP
         offs_d = tl.arange(0, D)
-        m_ok = offs_m < T
-        q = tl.load(q_ptr + r * sq_r + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
+        m_ok = t < T
+        q = tl.load(q_ptr + r * sq_r + head[:, None] * sq_h + t[:, None] * sq_t + offs_d[None, :],
                     mask=m_ok[:, None], other=0.0)
-        lim = tl.load(lim_ptr + offs_m, mask=m_ok, other=0)
+        lim = tl.load(lim_ptr + t, mask=m_ok, other=0)
         # this split's share of the key tiles the tile's queries may see
         tiles = tl.cdiv(tl.minimum(tl.max(lim, 0), S), BN)
         per = tl.cdiv(tiles, SPLITS)
         lo = split * per
         hi = tl.minimum(lo + per, tiles)
-        kv = r * sk_r + (h // GROUP).to(tl.int64) * sk_h
+        kv = r * sk_r + kvh.to(tl.int64) * sk_h
         m_i = tl.full((BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, D), tl.float32)
@@ -84,37 +88,41 @@ if triton is not None:
             m_i = m_new
         if SPLITS == 1:  # final output; a query that saw no key gets 0
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(o_ptr + r * so_r + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+            tl.store(o_ptr + r * so_r + head[:, None] * so_h + t[:, None] * so_t + offs_d[None, :],
                      out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
         else:  # partial: unnormalised fp32 sum with its running max and denominator
-            row = ((split * tl.num_programs(1) + r) * HQ + h) * T + offs_m
+            row = (split * tl.num_programs(1) + rk).to(tl.int64) * (T * GROUP) + offs_m
             tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=m_ok[:, None])
             tl.store(ms_ptr + row, m_i, mask=m_ok)
             tl.store(ls_ptr + row, l_i, mask=m_ok)
 
     @triton.jit
-    def _merge(po_ptr, ms_ptr, ls_ptr, o_ptr, so_r, so_h, so_t, T, ROWS,
-               HQ: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr):
-        tile_h = tl.program_id(0)
-        m_tile, h = tile_h // HQ, tile_h % HQ
-        r = tl.program_id(1).to(tl.int64)
-        offs_m = m_tile * BM + tl.arange(0, BM)
+    def _merge(po_ptr, ms_ptr, ls_ptr, o_ptr, so_r, so_h, so_t, T,
+               GROUP: tl.constexpr, HKV: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+               BM: tl.constexpr):
+        # one program per (BM query rows, row x KV head): every split's maximum at once, then the sum
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        rk = tl.program_id(1)
+        r, kvh = (rk // HKV).to(tl.int64), rk % HKV
+        rks = tl.num_programs(1)
+        mg = T * GROUP
+        m_ok = offs_m < mg
+        splits = tl.arange(0, SPLITS)
+        rows = (splits[:, None] * rks + rk).to(tl.int64) * mg + offs_m[None, :]  # [SPLITS, BM]
+        ms = tl.load(ms_ptr + rows, mask=m_ok[None, :], other=float("-inf"))
+        m_all = tl.max(ms, 0)
+        w = tl.exp(ms - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])  # [SPLITS, BM]
+        l_all = tl.sum(w * tl.load(ls_ptr + rows, mask=m_ok[None, :], other=0.0), 0)
         offs_d = tl.arange(0, D)
-        m_ok = offs_m < T
-        m_all = tl.full((BM,), float("-inf"), tl.float32)
-        for s in range(SPLITS):
-            row = ((s * ROWS + r) * HQ + h) * T + offs_m
-            m_all = tl.maximum(m_all, tl.load(ms_ptr + row, mask=m_ok, other=float("-inf")))
-        base = tl.where(m_all == float("-inf"), 0.0, m_all)
-        l_all = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, D), tl.float32)
         for s in range(SPLITS):
-            row = ((s * ROWS + r) * HQ + h) * T + offs_m
-            w = tl.exp(tl.load(ms_ptr + row, mask=m_ok, other=float("-inf")) - base)
-            l_all += w * tl.load(ls_ptr + row, mask=m_ok, other=0.0)
-            acc += w[:, None] * tl.load(po_ptr + row[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            row = (s * rks + rk).to(tl.int64) * mg + offs_m
+            ws = tl.sum(tl.where(splits[:, None] == s, w, 0.0), 0)
+            acc += ws[:, None] * tl.load(po_ptr + row[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         out = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
-        tl.store(o_ptr + r * so_r + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+        t = offs_m // GROUP
+        head = kvh * GROUP + offs_m % GROUP
+        tl.store(o_ptr + r * so_r + head[:, None] * so_h + t[:, None] * so_t + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
@@ -131,41 +139,48 @@ _SMS: dict[int, int] = {}
 
 
 def _splits(programs: int, s: int, bn: int, device: torch.device) -> int:
-    # Enough programs to fill the GPU twice over, never more splits than key tiles (or 16).
+    # A power of two: enough programs to fill the GPU twice over, never more than the key tiles (or 16).
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return max(1, min(16, -(-s // bn), -(-2 * _SMS[idx] // programs)))
+    want = max(1, min(16, -(-s // bn), -(-2 * _SMS[idx] // programs)))
+    return 1 << (want.bit_length() - 1)
 
 
 def window_attention_triton(q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor, kv_lim: Tensor, scale: float,
                             splits: int | None = None) -> Tensor:
     """``window_attention_reference``'s contract with the Triton kernels. The result is a [R, Hq, T, D]
-    view of a [R, T, Hq, D] tensor, so the output projection's reshape is free."""
+    view of a [R, T, Hq, D] tensor, so the output projection's reshape is free. ``splits`` (a power of
+    two) overrides the key splits chosen for the GPU."""
     r, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
+    group = hq // hkv
     if k.stride() != v.stride():
         raise ValueError("k and v must share one layout")
     key_ok = key_ok.contiguous()
     kv_lim = kv_lim.to(torch.int32).contiguous()
     out = torch.empty(r, t, hq, d, device=q.device, dtype=q.dtype).transpose(1, 2)
-    bm, bn = (16 if t <= 16 else 32 if t <= 32 else 64), 64
-    m_tiles = -(-t // bm)
+    mg = t * group  # query rows per KV head
+    bm = min(128, max(16, triton.next_power_of_2(mg)))
+    bn = 64
+    m_tiles = -(-mg // bm)
     if splits is None:
-        splits = _splits(m_tiles * hq * r, s, bn, q.device)
-    grid = (m_tiles * hq, r, splits)
+        splits = _splits(m_tiles * r * hkv, s, bn, q.device)
+    grid = (m_tiles, r * hkv, splits)
     args = (scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    meta = dict(GROUP=hq // hkv, HQ=hq, SPLITS=splits, D=d, BM=bm, BN=bn, num_warps=4, num_stages=2)
+    meta = dict(GROUP=group, HKV=hkv, SPLITS=splits, D=d, BM=bm, BN=bn, num_warps=4 if bm <= 64 else 8,
+                num_stages=2)
     if splits == 1:
         _window[grid](q, k, v, key_ok, kv_lim, out, out, out, *args,
                       out.stride(0), out.stride(1), out.stride(2), t, s, **meta)
         return out
-    part = torch.empty(splits * r * hq * t, d, device=q.device, dtype=torch.float32)
-    ms = torch.empty(splits * r * hq * t, device=q.device, dtype=torch.float32)
+    part = torch.empty(splits * r * hkv * mg, d, device=q.device, dtype=torch.float32)
+    ms = torch.empty(splits * r * hkv * mg, device=q.device, dtype=torch.float32)
     ls = torch.empty_like(ms)
     _window[grid](q, k, v, key_ok, kv_lim, part, ms, ls, *args, 0, 0, 0, t, s, **meta)
-    _merge[(m_tiles * hq, r)](part, ms, ls, out, out.stride(0), out.stride(1), out.stride(2), t, r,
-                              HQ=hq, SPLITS=splits, D=d, BM=bm, num_warps=4)
+    merge_bm = 16
+    _merge[(-(-mg // merge_bm), r * hkv)](part, ms, ls, out, out.stride(0), out.stride(1), out.stride(2), t,
+                                          GROUP=group, HKV=hkv, SPLITS=splits, D=d, BM=merge_bm, num_warps=4)
     return out
 
 

@@ -9,9 +9,17 @@ is a weight stream: its floor is the bytes of the touched experts. Two kernels d
 * ``_down``: one program per (block, tile of the hidden dim): the down projection, scaled by each
   slot's routing weight in fp32 and stored at the slot's own (token, k) place, so un-sorting is free.
 
-The k slots of a token are then summed in fp32 (deterministic: no atomics). The slot alignment
-(``align_blocks``) is plain torch without host syncs, so the whole dispatch is CUDA-graph capturable;
-``experts_reference`` in ``moe.py`` is the reference it is tested against (GPU test).
+The k slots of a token are then summed in fp32 (deterministic: no atomics in the sums). Around them:
+
+* the slot alignment (which slots form which expert block): ``align_triton``, three small launches
+  (per-expert counts and ranks with atomics, the block table, the scatter into expert order), where
+  ``align_blocks`` (plain torch: a sort and a dozen small kernels) is the reference;
+* the router's selection: ``route_triton``, one launch for ``moe.route``'s sigmoid, group top-2,
+  group top-k and expert top-k.
+
+Nothing syncs with the host, so the whole dispatch is CUDA-graph capturable. ``experts_reference`` and
+``route`` in ``moe.py`` are the references they are tested against (under Triton's CPU interpreter in
+the CPU suite, in bf16 on the GPU).
 """
 
 from __future__ import annotations
@@ -109,6 +117,134 @@ if triton is not None:
         tl.store(out_ptr + slot[:, None].to(tl.int64) * H + offs_n[None, :], acc, mask=m_ok[:, None])
 
 
+    @triton.jit
+    def _count(ids_ptr, counts_ptr, rank_ptr, S, BS: tl.constexpr):
+        # each slot's rank among its expert's slots (arrival order: any order serves, as every slot's
+        # output is computed from its own row alone)
+        offs = tl.program_id(0) * BS + tl.arange(0, BS)
+        ok = offs < S
+        e = tl.load(ids_ptr + offs, mask=ok, other=0)
+        rank = tl.atomic_add(counts_ptr + e, 1, mask=ok)
+        tl.store(rank_ptr + offs, rank, mask=ok)
+
+    @triton.jit
+    def _blocks(counts_ptr, start_ptr, bexp_ptr, bstart_ptr, brows_ptr, NB,
+                E: tl.constexpr, BLOCK_M: tl.constexpr, BB: tl.constexpr):
+        # one program: experts' first sorted slots, and the block table (expert, first slot, slots)
+        offs_e = tl.arange(0, E)
+        c = tl.load(counts_ptr + offs_e)
+        starts = tl.cumsum(c, 0) - c
+        nb = (c + BLOCK_M - 1) // BLOCK_M
+        first_block = tl.cumsum(nb, 0) - nb
+        tl.store(start_ptr + offs_e, starts)
+        for b0 in range(0, NB, BB):
+            b = b0 + tl.arange(0, BB)
+            # the block's expert: how many experts' blocks end at or before it (E past the last block)
+            ex = tl.sum(((first_block + nb)[None, :] <= b[:, None]).to(tl.int32), 1)
+            used = ex < E
+            ex = tl.minimum(ex, E - 1)
+            pick = offs_e[None, :] == ex[:, None]
+            j = b - tl.sum(tl.where(pick, first_block[None, :], 0), 1)  # block index within its expert
+            start = tl.sum(tl.where(pick, starts[None, :], 0), 1) + j * BLOCK_M
+            rows = tl.sum(tl.where(pick, c[None, :], 0), 1) - j * BLOCK_M
+            rows = tl.where(used, tl.minimum(tl.maximum(rows, 0), BLOCK_M), 0)
+            b_ok = b < NB
+            tl.store(bexp_ptr + b, ex, mask=b_ok)
+            tl.store(bstart_ptr + b, start, mask=b_ok)
+            tl.store(brows_ptr + b, rows, mask=b_ok)
+
+    @triton.jit
+    def _scatter(ids_ptr, rank_ptr, start_ptr, order_ptr, S, BS: tl.constexpr):
+        offs = tl.program_id(0) * BS + tl.arange(0, BS)
+        ok = offs < S
+        e = tl.load(ids_ptr + offs, mask=ok, other=0)
+        place = tl.load(start_ptr + e, mask=ok, other=0) + tl.load(rank_ptr + offs, mask=ok, other=0)
+        tl.store(order_ptr + place, offs, mask=ok)
+
+    @triton.jit
+    def _route(logits_ptr, bias_ptr, ids_ptr, w_ptr, N, scale, E: tl.constexpr, G: tl.constexpr,
+               TOPG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr):
+        # ``moe.route`` for BT tokens: sigmoid scores, biased group scores (sum of each group's top 2),
+        # the TOPG best groups, the K best biased experts in them, unbiased weights; all fp32
+        offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+        t_ok = offs_t < N
+        offs_e = tl.arange(0, E)
+        logit = tl.load(logits_ptr + offs_t[:, None].to(tl.int64) * E + offs_e[None, :], mask=t_ok[:, None],
+                        other=0.0)
+        score = tl.sigmoid(logit)
+        biased = score + tl.load(bias_ptr + offs_e)[None, :]
+        grouped = tl.reshape(biased, (BT, G, E // G))
+        first = tl.max(grouped, 2)
+        if E // G >= 2:
+            in_group = tl.arange(0, E // G)[None, None, :]
+            second = tl.max(tl.where(in_group == tl.argmax(grouped, 2)[:, :, None], float("-inf"), grouped), 2)
+            group_score = first + second
+        else:
+            group_score = first
+        offs_g = tl.arange(0, G)[None, :]
+        keep = offs_g < 0  # [BT, G] all False
+        for _ in tl.static_range(TOPG):
+            hit = offs_g == tl.argmax(group_score, 1)[:, None]
+            keep = keep | hit
+            group_score = tl.where(hit, float("-inf"), group_score)
+        cand = tl.reshape(tl.where(keep[:, :, None], grouped, float("-inf")), (BT, E))
+        slots = tl.arange(0, KP)[None, :]
+        ids = tl.zeros((BT, KP), tl.int32)
+        w = tl.zeros((BT, KP), tl.float32)
+        for j in tl.static_range(K):
+            best = tl.argmax(cand, 1)
+            hit = offs_e[None, :] == best[:, None]
+            ids = tl.where(slots == j, best[:, None], ids)
+            w = tl.where(slots == j, tl.sum(tl.where(hit, score, 0.0), 1)[:, None], w)
+            cand = tl.where(hit, float("-inf"), cand)
+        if NORM:
+            w = w / (tl.sum(w, 1)[:, None] + 1e-20)
+        out = offs_t[:, None] * K + slots
+        ok = t_ok[:, None] & (slots < K)
+        tl.store(ids_ptr + out, ids, mask=ok)
+        tl.store(w_ptr + out, w * scale, mask=ok)
+
+
+def align_triton(flat_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``align_blocks``' contract in three Triton launches (count, block table, scatter) instead of a
+    sort and a dozen small kernels. Within an expert the slots keep no particular order."""
+    s = flat_ids.numel()
+    dev = flat_ids.device
+    bound = s // block_m + min(num_experts, s) + 1
+    ids = flat_ids.to(torch.int32).contiguous()
+    counts = torch.zeros(num_experts, device=dev, dtype=torch.int32)
+    rank = torch.empty(s, device=dev, dtype=torch.int32)
+    starts = torch.empty(num_experts, device=dev, dtype=torch.int32)
+    order = torch.empty(s, device=dev, dtype=torch.int32)
+    bexp, bstart, brows = (torch.empty(bound, device=dev, dtype=torch.int32) for _ in range(3))
+    bs = 1024
+    _count[(-(-s // bs),)](ids, counts, rank, s, BS=bs)
+    _blocks[(1,)](counts, starts, bexp, bstart, brows, bound, E=num_experts, BLOCK_M=block_m, BB=64)
+    _scatter[(-(-s // bs),)](ids, rank, starts, order, s, BS=bs)
+    return order, bexp, bstart, brows
+
+
+def route_triton(router_logits: Tensor, expert_bias: Tensor, *, n_group: int, topk_group: int, top_k: int,
+                 routed_scaling_factor: float, norm_topk_prob: bool = True) -> tuple[Tensor, Tensor]:
+    """``moe.route``'s contract in one Triton launch; expert ids come back int32."""
+    n, e = router_logits.shape
+    logits = router_logits.contiguous()
+    ids = torch.empty(n, top_k, device=logits.device, dtype=torch.int32)
+    w = torch.empty(n, top_k, device=logits.device, dtype=torch.float32)
+    bt = 16
+    _route[(-(-n // bt),)](logits, expert_bias.contiguous(), ids, w, n, routed_scaling_factor, E=e, G=n_group,
+                           TOPG=topk_group, K=top_k, KP=triton.next_power_of_2(top_k), NORM=norm_topk_prob,
+                           BT=bt, num_warps=4)
+    return ids, w
+
+
+def route_supported(num_experts: int, n_group: int) -> bool:
+    """The fused router takes power-of-two expert and group counts (Triton block sizes)."""
+    e = num_experts
+    return (triton is not None and e & (e - 1) == 0 and n_group & (n_group - 1) == 0 and e % n_group == 0
+            and e <= 1024)
+
+
 # (block_m, gate/up BN, BK, warps, stages), (down BN, BK, warps, stages) by tokens per touched expert;
 # the best of benchmarks/bench_moe.py --sweep on an H200 (RESULTS.md).
 CONFIGS = {
@@ -142,7 +278,8 @@ def experts_fused(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tensor, w
     e, two_i, h = w13.shape
     inter = two_i // 2
     (bm, bn1, bk1, warps1, stages1), (bn2, bk2, warps2, stages2) = config or pick_config(n * k, e)
-    order, bexp, bstart, brows = align_blocks(expert_ids.reshape(-1), e, bm)
+    align = align_triton if e & (e - 1) == 0 and e <= 1024 else align_blocks
+    order, bexp, bstart, brows = align(expert_ids.reshape(-1), e, bm)
     x = x.contiguous()
     act = torch.empty(n * k, inter, device=x.device, dtype=x.dtype)  # sorted slot order
     _gate_up[(bexp.numel(), inter // bn1)](x, w13, act, order, bexp, bstart, brows, H=h, INTER=inter, TOPK=k,
