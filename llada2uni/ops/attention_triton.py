@@ -139,11 +139,12 @@ _SMS: dict[int, int] = {}
 
 
 def _splits(programs: int, s: int, bn: int, device: torch.device) -> int:
-    # A power of two: enough programs to fill the GPU twice over, never more than the key tiles (or 16).
+    # A power of two: enough programs to fill the GPU, never more than the key tiles (or 8: the
+    # partial sums are written and read again, 64 KB per program).
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    want = max(1, min(16, -(-s // bn), -(-2 * _SMS[idx] // programs)))
+    want = max(1, min(8, -(-s // bn), -(-_SMS[idx] // programs)))
     return 1 << (want.bit_length() - 1)
 
 
@@ -178,7 +179,7 @@ def window_attention_triton(q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor, kv_
     ms = torch.empty(splits * r * hkv * mg, device=q.device, dtype=torch.float32)
     ls = torch.empty_like(ms)
     _window[grid](q, k, v, key_ok, kv_lim, part, ms, ls, *args, 0, 0, 0, t, s, **meta)
-    merge_bm = 16
+    merge_bm = 8
     _merge[(-(-mg // merge_bm), r * hkv)](part, ms, ls, out, out.stride(0), out.stride(1), out.stride(2), t,
                                           GROUP=group, HKV=hkv, SPLITS=splits, D=d, BM=merge_bm, num_warps=4)
     return out
