@@ -178,6 +178,9 @@ async def run_level(base: str, clients: int, requests: int, args, task: str) -> 
                e2e_p95_s=round(percentile(e2e, 0.95), 3), req_per_s=round(out["completed"] / wall, 2),
                tokens_per_s=round(tokens / wall, 1),
                mean_batch=round((after["batched_requests"] - before["batched_requests"]) / batches, 2) if batches else 0,
+               # rows per forward: how full the steps ran (CFG requests count 2 rows)
+               rows_per_forward=round((after["row_forwards"] - before["row_forwards"])
+                                      / max(after["forwards"] - before["forwards"], 1), 2),
                max_batch=max((int(k) for k, v in after["batch_sizes"].items()
                               if v > before["batch_sizes"].get(k, 0)), default=0),
                server_in_flight_after=after["in_flight"], errors=errors,
@@ -296,7 +299,7 @@ def main() -> None:
     if args.full or (args.device or "cpu").startswith("cuda"):
         device = args.device or "cuda"
     cols = ["task", "clients", "requests", "completed", "rejected", "failed", "lost", "p50_s", "p95_s", "e2e_p50_s",
-            "e2e_p95_s", "req_per_s", "tokens_per_s", "mean_batch", "max_batch", "failed_batches"]
+            "e2e_p95_s", "req_per_s", "tokens_per_s", "mean_batch", "rows_per_forward", "max_batch", "failed_batches"]
     print()
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

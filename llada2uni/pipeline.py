@@ -47,6 +47,10 @@ class BackboneLogits:
     def extend_cache(cache, extra):
         return cache.extend(extra)
 
+    @staticmethod
+    def retire_rows(cache, keep):
+        return cache.select_rows(keep)
+
     @torch.inference_mode()
     def __call__(self, ids: Tensor, start: int, pad_lens: Tensor, cache, num_logits: int) -> Tensor:
         end = start + ids.shape[1]
@@ -210,7 +214,7 @@ class LLaDA2Uni:
         if bar is not None:
             bar.close()
         self.last_stats = {"forwards": out.forwards, "steps_per_block": out.steps_per_block,
-                           "pruned": out.pruned}
+                           "pruned": out.pruned, "row_forwards": out.row_forwards}
         return out.tokens
 
     def _denoise_text(self, prompt: list[int], *, gen_length: int, steps: int, block_length: int,

@@ -338,6 +338,26 @@ class FastBackboneLogits:
         target.length = cache.length
         return target
 
+    def retire_rows(self, cache: KVCache, keep: list[int]) -> KVCache:
+        """Only these rows of the cache, in this order, at its front (finished requests leave the
+        batch): in place while they need the same row bucket, else in a pooled cache of the smaller
+        bucket, whose graphs are cheaper to replay."""
+        m = len(keep)
+        target = self.new_cache(m, cache.max_len) if self.row_bucket(m) < cache.rows else cache
+        if target is not cache or keep != list(range(m)):
+            idx = torch.tensor(keep, dtype=torch.long, device=cache.k.device)
+            target.k[:, :m] = cache.k.index_select(1, idx)  # a copy first: safe in place
+            target.v[:, :m] = cache.v.index_select(1, idx)
+        target.real_rows = m
+        target.length = cache.length
+        return target
+
+    @staticmethod
+    def canvas_limit(cache: KVCache, length: int) -> int:
+        """How long a running batch's canvas may grow for joining requests: what its cache holds
+        (length buckets leave room; no reallocation, no new graphs)."""
+        return max(length, cache.max_len)
+
     @staticmethod
     def _pad_rows(ids: Tensor, positions: Tensor, rows: int) -> tuple[Tensor, Tensor]:
         """ids/positions padded with zero rows up to the cache's row bucket (inert: they see nothing)."""

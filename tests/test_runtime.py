@@ -224,3 +224,62 @@ def test_warm_up_fills_the_pool_that_generations_then_reuse(tiny_dir):
     out = generate(fast, reqs, mask_id=pipe.tokens.ids.mask)
     assert out.tokens == generate(BackboneLogits(pipe.model), reqs, mask_id=pipe.tokens.ids.mask).tokens
     assert fast._pool == warmed and all(fast._pool[k] is warmed[k] for k in keys)  # reused, not new
+
+
+def test_finished_requests_leave_and_late_ones_grow_the_canvas(tiny_dir):
+    """Continuous batching: a request whose canvas completes leaves the forward (its cache rows
+    dropped, the row bucket shrinking), and a request joining after the batch's canvas would have
+    ended grows it within the cache's length bucket; every request decodes as it would alone."""
+    from llada2uni.sampling.block import DenoiseRequest, admission_end, generate
+    pipe = LLaDA2Uni.from_pretrained(tiny_dir, device="cpu", dtype="float32")
+    mask, lo = pipe.tokens.ids.mask, pipe.image_token_offset
+    clear = BackboneLogits(pipe.model)
+
+    class Recording(FastBackboneLogits):
+        def __call__(self, ids, start, pad_lens, cache, num_logits):
+            self.seen.append((ids.shape[0], cache.rows if cache is not None else 0))
+            return super().__call__(ids, start, pad_lens, cache, num_logits)
+
+    def text(q, n):
+        image = list(range(lo, lo + 4))
+        return DenoiseRequest(rows=[pipe.tokens.understand_prompt([(image, 2, 2)], q)], pad_lens=[0],
+                              gen_length=n, steps=4)
+    # 4 rows (bucket 4): the short one leaves first (the rest move up in place), the late one outlives
+    # the long ones (alone in a 1-row cache)
+    start = [text("a", 20), text("Hi", 64), text("Yo", 64), text("Who?", 64)]
+    late = [text("late", 90)]
+    canvas = max(admission_end(r, 0, 32) for r in start)
+    limits = []
+
+    def admit(block, limit):
+        limits.append((block, limit))
+        return list(late) if len(limits) == 3 else []
+    fast = Recording(pipe.model, eager=True)
+    fast.seen = []
+    out = generate(fast, start, mask_id=mask, admit=admit)
+    alone = [generate(clear, [r], mask_id=mask).tokens[0] for r in (*start, *late)]
+    assert out.tokens == alone
+    join_block = limits[2][0]
+    assert limits[2][1] == 512 and admission_end(late[0], join_block, 32) > canvas  # it needed the room
+    rows = [r for r, _ in fast.seen]
+    assert rows[0] == 4 and 3 in rows and 1 in rows  # the short one left; the late one ran on
+    assert (1, 1) in fast.seen  # ... in a cache of the 1-row bucket (cheaper graphs)
+    assert out.row_forwards == sum(rows)
+    # the clear path: finished requests leave too (no growth: it has no canvas_limit)
+    out = generate(clear, start, mask_id=mask)
+    assert out.tokens == alone[:4] and out.row_forwards < 4 * out.forwards
+
+
+def test_retire_rows_moves_the_kept_rows_to_the_front(tiny_model):
+    fast = FastBackboneLogits(tiny_model, eager=True)
+    g = torch.Generator().manual_seed(0)
+    for keep, bucket in (([1, 2, 3], 4), ([0, 1], 2), ([2], 1)):  # in place; smaller buckets
+        cache = fast.new_cache(4, 100)
+        cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+        cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+        cache.length = 64
+        want_k, want_v = cache.k[:, keep].clone(), cache.v[:, keep].clone()
+        out = fast.retire_rows(cache, keep)
+        assert (out is cache) == (bucket == 4) and out.rows == bucket and out.real_rows == len(keep)
+        assert out.length == 64 and out.max_len == cache.max_len
+        assert torch.equal(out.k[:, : len(keep)], want_k) and torch.equal(out.v[:, : len(keep)], want_v)

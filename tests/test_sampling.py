@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llada2uni.sampling.block import DenoiseRequest, generate
+from llada2uni.sampling.block import DenoiseRequest, admission_end, generate
 from llada2uni.sampling.guidance import Guidance, cfg_edit, cfg_rescale, cfg_simple, combine
 from llada2uni.sampling.schedules import tokens_per_step
 from llada2uni.sampling.unmask import (
@@ -374,4 +374,43 @@ def test_requests_joining_at_a_block_boundary_decode_as_alone(use_cache):
     out = generate(model, [base], mask_id=MASK, block_length=B, use_cache=use_cache, admit=admit)
     assert joined_at == [3] and len(out.tokens) == 3
     alone = [generate(_ExtendableMock(), [r], mask_id=MASK, block_length=B).tokens[0] for r in [base, *late]]
+    assert out.tokens == alone
+
+
+class _ContinuousMock(_ExtendableMock):
+    """A mock whose cache holds its whole position table, so a running canvas may grow, and whose
+    finished rows can leave."""
+
+    def new_cache(self, rows, max_len):
+        return torch.zeros(rows, self.pos.shape[0], self.dim)
+
+    @staticmethod
+    def canvas_limit(cache, length):
+        return max(length, cache.shape[1])
+
+    @staticmethod
+    def retire_rows(cache, keep):
+        return cache[keep]
+
+
+def test_finished_requests_leave_and_a_late_one_grows_the_canvas():
+    reqs = [DenoiseRequest(rows=[[1, 2, 3]], pad_lens=[0], gen_length=10, steps=2),
+            DenoiseRequest(rows=[[4, 5], [MASK, 6]], pad_lens=[0, 1], gen_length=40, steps=4,
+                           guidance=Guidance("simple", scale=2.0)),
+            DenoiseRequest(rows=[[7, 8, 9, 10]], pad_lens=[0], gen_length=12, steps=3),
+            DenoiseRequest(rows=[[11, 12]], pad_lens=[0], gen_length=41, steps=4)]
+    late = DenoiseRequest(rows=[[13, 14, 15]], pad_lens=[0], gen_length=50, steps=5)
+    canvas = max(admission_end(r, 0, B) for r in reqs)
+    seen = []
+
+    def admit(block, limit):
+        seen.append((block, limit))
+        return [late] if block == 2 else []
+    model = _ContinuousMock()
+    out = generate(model, reqs, mask_id=MASK, block_length=B, admit=admit)
+    assert admission_end(late, 2, B) > canvas and seen[2] == (2, 256)  # the canvas had to grow
+    rows = [ids.shape[0] for _, ids in model.calls]
+    assert rows[0] == 5 and min(rows) == 1  # the short ones left, the late one ran on alone
+    assert out.row_forwards == sum(rows)
+    alone = [generate(_ExtendableMock(), [r], mask_id=MASK, block_length=B).tokens[0] for r in [*reqs, late]]
     assert out.tokens == alone

@@ -64,6 +64,17 @@ class KVCache:
         out.real_rows = out.k.shape[1]
         return out
 
+    def select_rows(self, keep: list[int]) -> "KVCache":
+        """A cache of only these rows, in this order (finished requests leaving a running batch)."""
+        if self.view is not None:
+            raise ValueError("cannot drop rows of a cache with a SPRINT view")
+        idx = torch.tensor(keep, dtype=torch.long, device=self.k.device)
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
+        out.length, out.max_len, out.view = self.length, self.max_len, None
+        out.real_rows = len(keep)
+        return out
+
     def update(self, layer: int, start: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v [R, Hkv, T, D] at [start, start+T); return the keys/values the window attends to:
         [0, start+T), or with a view the kept prefix followed by the window."""

@@ -65,6 +65,7 @@ class DenoiseOutput:
     steps_per_block: list[int]
     stopped: list[bool]  # per request: finished early on a stop id
     pruned: list[PruneStats] = field(default_factory=list)  # SPRINT: what each pruned block kept
+    row_forwards: int = 0  # sum over forwards of the rows each one ran (finished requests leave)
 
 
 def _ceil_to(n: int, multiple: int) -> int:
@@ -198,7 +199,6 @@ def generate(
     cache = logits_fn.new_cache(n, L) if use_cache and hasattr(logits_fn, "new_cache") else None
     valid = 0  # cached KV of [0, valid) is final
     first_block = min(plen) // B
-    num_blocks = L // B - first_block
     forwards, steps_per_block = 0, []
     stopped = [False] * len(requests)
     reported = [False] * len(requests)  # on_finish already called
@@ -214,9 +214,19 @@ def generate(
     conf_prefix = torch.zeros(n, L, device=device) if reuse else None
 
     can_admit = admit is not None and sprint is None and (cache is None or hasattr(logits_fn, "extend_cache"))
-    for b in range(first_block, L // B):
+    # Finished requests leave the forward at block boundaries (their rows and cache rows dropped), so
+    # a batch that newcomers keep joining runs only the requests still denoising. SPRINT keeps its
+    # rows (its per-row prefix confidences are laid out over all of them).
+    can_retire = sprint is None and (cache is None or hasattr(logits_fn, "retire_rows"))
+    live = list(range(len(requests)))  # requests in forward (and cache) row order
+    row_forwards = 0
+    b = first_block
+    while b < L // B:
         lo, hi = b * B, (b + 1) * B
-        new = admit(b, L) if can_admit else []
+        # Newcomers may grow the canvas up to what the cache already holds (no reallocation); a
+        # logits_fn without ``canvas_limit`` keeps the batch's canvas.
+        limit = logits_fn.canvas_limit(cache, L) if cache is not None and hasattr(logits_fn, "canvas_limit") else L
+        new = admit(b, limit) if can_admit else []
         if new:
             # Requests join at this block boundary. Whole blocks of left pads put each newcomer's
             # first masked block at b or later; whole-block padding keeps every token's block and
@@ -224,10 +234,16 @@ def generate(
             # prefix [0, valid) comes from one prefill forward of the newcomers alone.
             for req in new:
                 _check(req)
-                if admission_end(req, b, B) > L:
+                if admission_end(req, b, B) > limit:
                     raise ValueError(f"an admitted request ends at {admission_end(req, b, B)}, past the "
-                                     f"canvas ({L})")
+                                     f"canvas limit ({limit})")
+            grown = max(L, *(admission_end(req, b, B) for req in new))
+            if grown > L:  # the running rows get inert trailing masks they never commit
+                x = torch.nn.functional.pad(x, (0, grown - L), value=mask_id)
+                todo = torch.nn.functional.pad(todo, (0, grown - L), value=False)
+                L = grown
             x_new, pads_new, todo_new = place(new, b, n)
+            live += range(len(requests), len(requests) + len(new))
             requests += new
             stopped += [False] * len(new)
             reported += [False] * len(new)
@@ -237,11 +253,19 @@ def generate(
                 if valid > 0:
                     logits_fn(x_new[:, :valid], 0, pads_new, extra, B)
                     forwards += 1
+                    row_forwards += x_new.shape[0]
                 cache = logits_fn.extend_cache(cache, extra)
             x = torch.cat([x, x_new])
             todo = torch.cat([todo, todo_new])
             pad_lens = torch.cat([pad_lens, pads_new])
             n += x_new.shape[0]
+        # the forward's rows: each live request's rows, in cache order; offset[r] its first one
+        offset, row_idx = {}, []
+        for r in live:
+            offset[r] = len(row_idx)
+            row_idx += range(first[r], first[r] + len(requests[r].rows))
+        every_row = len(row_idx) == n
+        row_index = None if every_row else torch.tensor(row_idx, dtype=torch.long, device=device)
         step = 0
         touched = [False] * len(requests)
         pruned_view = False  # SPRINT: the block's queries see the kept prefix keys only
@@ -257,19 +281,25 @@ def generate(
                 start = valid if cache is not None else 0
                 # SPRINT wants the confidence of the positions this forward makes final.
                 num_logits = hi - start if conf_prefix is not None and start < lo else B
-            logits = logits_fn(x[:, start:hi], start, pad_lens, cache, num_logits)  # [R, num_logits, V]
+            if every_row:
+                ids_in, pads_in = x[:, start:hi], pad_lens
+            else:
+                ids_in, pads_in = x[row_index, start:hi], pad_lens[row_index]
+            logits = logits_fn(ids_in, start, pads_in, cache, num_logits)  # [R, num_logits, V]
             forwards += 1
+            row_forwards += ids_in.shape[0]
             if num_logits > B:
                 conf_prefix[:, start:lo] = max_prob(logits[:, : lo - start])
                 logits = logits[:, lo - start:]
             if cache is not None:
                 valid = lo
-            for r, req in enumerate(requests):
+            for r in live:
+                req = requests[r]
                 if not alive[r]:
                     continue
                 touched[r] = True
                 rows = slice(first[r], first[r] + len(req.rows))
-                g = combine(req.guidance, logits[rows])  # [B, V] fp32
+                g = combine(req.guidance, logits[offset[r]:offset[r] + len(req.rows)])  # [B, V] fp32
                 if req.vocab is not None:
                     g = restrict_vocab(g, *req.vocab)
                 active = todo[r, lo:hi]
@@ -313,9 +343,18 @@ def generate(
                 if touched[r]:
                     on_tokens(r, _committed(x[first[r]], plen[r], req, hi))
         if progress is not None:
-            progress(b - first_block + 1, num_blocks)
+            progress(b - first_block + 1, L // B - first_block)
         if not todo.any():
             break
+        if can_retire:
+            done = [r for r in live if not todo[r].any()]
+            if done:
+                keep = [i for r in live if r not in done
+                        for i in range(offset[r], offset[r] + len(requests[r].rows))]
+                live = [r for r in live if r not in done]
+                if cache is not None:
+                    cache = logits_fn.retire_rows(cache, keep)
+        b += 1
 
     tokens = [_output(x[first[r]], plen[r], req) for r, req in enumerate(requests)]
-    return DenoiseOutput(tokens, forwards, first_block, steps_per_block, stopped, pruned)
+    return DenoiseOutput(tokens, forwards, first_block, steps_per_block, stopped, pruned, row_forwards)

@@ -171,7 +171,8 @@ class Scheduler:
         self._denoise = self._pipeline_denoise  # one batch (tests wrap it to inject faults)
         self.counters = dict(admitted=0, completed=0, failed=0, cancelled=0, timed_out=0, rejected=0,
                              batches=0, batched_requests=0, max_batch_seen=0, aborted_batches=0,
-                             isolated_retries=0, forwards=0, calls=0, joined=0)
+                             isolated_retries=0, forwards=0, calls=0, joined=0,
+                             row_forwards=0)
 
     # ---- lifecycle ----
 
@@ -346,10 +347,12 @@ class Scheduler:
         progress = _BlockProgress(live, block_length)
 
         def admit(block: int, length: int) -> list[DenoiseRequest]:
-            """Waiting denoising jobs join the running batch at this block boundary when they fit."""
+            """Waiting denoising jobs join the running batch at this block boundary when they fit: in
+            ``max_batch`` beside the jobs still denoising (delivered ones have left the forward), and
+            within ``length``, as far as the running canvas may grow."""
             taken = []
             with self._cond:
-                size = sum(item.size for item in live)
+                size = sum(item.size for item in live if not item.future.done())
                 for item in list(self._queue):
                     if item.kind != "denoise" or item.payload[1] != (block_length, sprint) or item.job.cancelled:
                         continue
@@ -394,6 +397,7 @@ class Scheduler:
         self.counters["max_batch_seen"] = max(self.counters["max_batch_seen"], len(requests))
         self.batch_sizes[len(requests)] += 1
         self.counters["forwards"] += self.pipe.last_stats.get("forwards", 0)
+        self.counters["row_forwards"] += self.pipe.last_stats.get("row_forwards", 0)
         start = 0
         for item in live:
             n = len(item.payload[0])
