@@ -414,3 +414,20 @@ def test_finished_requests_leave_and_a_late_one_grows_the_canvas():
     assert out.row_forwards == sum(rows)
     alone = [generate(_ExtendableMock(), [r], mask_id=MASK, block_length=B).tokens[0] for r in [*reqs, late]]
     assert out.tokens == alone
+
+
+def test_greedy_requests_of_one_kind_step_together_and_decode_as_alone(monkeypatch):
+    import llada2uni.sampling.block as block
+    calls = []
+    real = block._greedy_step
+    monkeypatch.setattr(block, "_greedy_step", lambda run, *a: (calls.append(list(run)), real(run, *a)))
+    cfg = Guidance("simple", scale=2.0, rescale=0.7)
+    reqs = [DenoiseRequest(rows=[[1, 2, 3 + i]], pad_lens=[0], gen_length=40, steps=4) for i in range(3)]
+    reqs += [DenoiseRequest(rows=[[4, 5 + i], [MASK, 6]], pad_lens=[0, 1], gen_length=30, steps=4, guidance=cfg,
+                            vocab=(3, 40)) for i in range(3)]
+    reqs.append(DenoiseRequest(rows=[[7, 8]], pad_lens=[0], gen_length=40, steps=8))  # another schedule
+    out = generate(MockModel(), reqs, mask_id=MASK, block_length=B)
+    assert [0, 1, 2] in calls and [3, 4, 5] in calls and not any(6 in c for c in calls)
+    alone = [generate(MockModel(), [r], mask_id=MASK, block_length=B).tokens[0] for r in reqs]
+    assert out.tokens == alone
+    assert len({tuple(t) for t in alone}) == len(reqs)  # distinct: rows cannot be swapped unnoticed

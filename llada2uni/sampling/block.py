@@ -131,6 +131,49 @@ def _committed(row: torch.Tensor, plen: int, req: DenoiseRequest, upto: int) -> 
     return out if cut is None else out[: cut + 1]
 
 
+
+def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], scheds: list[list[int]],
+          step: int, batchable: bool) -> list[list[int]]:
+    """The alive requests in forward order, grouped into runs of neighbours (adjacent logits rows) that
+    take the same greedy step: same guidance, vocabulary, threshold, row count and commit count. A
+    request that samples (temperature > 0: its own generator) is a run of its own."""
+    runs, key_of_last = [], None
+    for r in live:
+        if not alive[r]:
+            key_of_last = None  # its rows sit between: no run across it
+            continue
+        req = requests[r]
+        key = None
+        if batchable and req.temperature <= 0:
+            key = (req.guidance, req.vocab, req.threshold, len(req.rows), scheds[r][step])
+        if key is not None and key == key_of_last:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+        key_of_last = key
+    return runs
+
+
+def _greedy_step(run: list[int], requests: list[DenoiseRequest], logits: torch.Tensor, offset: dict,
+                 first: list[int], todo: torch.Tensor, x: torch.Tensor, lo: int, hi: int, k: int) -> None:
+    """One denoising step of several greedy requests at once: the per-request step (guidance,
+    vocabulary, argmax and confidence, the k most confident) over a [G, ...] batch of them; the same
+    ops row by row, so the same tokens."""
+    req = requests[run[0]]
+    nrows = len(req.rows)
+    g_rows = logits[offset[run[0]]:offset[run[0]] + nrows * len(run)]  # adjacent: a view
+    g = combine(req.guidance, g_rows.view(len(run), nrows, *g_rows.shape[1:]).transpose(0, 1))  # [G, B, V]
+    if req.vocab is not None:
+        g = restrict_vocab(g, *req.vocab)
+    pred, conf = sample_tokens(g)  # greedy
+    idx = torch.tensor(run, dtype=torch.long, device=todo.device)
+    commit = select_transfer(conf, todo[idx, lo:hi], k, req.threshold)  # [G, B]
+    todo[idx, lo:hi] &= ~commit
+    rows = torch.tensor([first[r] + j for r in run for j in range(nrows)], dtype=torch.long, device=x.device)
+    commit, pred = (t.repeat_interleave(nrows, dim=0) for t in (commit, pred))  # every CFG row of a request
+    x[rows, lo:hi] = torch.where(commit, pred, x[rows, lo:hi])
+
+
 def generate(
     logits_fn: LogitsFn,
     requests: list[DenoiseRequest],
@@ -293,10 +336,14 @@ def generate(
                 logits = logits[:, lo - start:]
             if cache is not None:
                 valid = lo
-            for r in live:
-                req = requests[r]
-                if not alive[r]:
+            for run in _runs(live, alive, requests, scheds, step, sprint is None):
+                if len(run) > 1:  # greedy requests of one kind: their steps as one batched step
+                    _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, scheds[run[0]][step])
+                    for r in run:
+                        touched[r] = True
                     continue
+                r = run[0]
+                req = requests[r]
                 touched[r] = True
                 rows = slice(first[r], first[r] + len(req.rows))
                 g = combine(req.guidance, logits[offset[r]:offset[r] + len(req.rows)])  # [B, V] fp32

@@ -51,7 +51,7 @@ def sample_tokens(
     logits = logits.float()
     if temperature <= 0:
         pred = logits.argmax(-1)
-        conf = torch.softmax(logits, dim=-1).gather(-1, pred[:, None])[:, 0]
+        conf = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
         return pred, conf
     logits = _top_p_filter(_top_k_filter(logits / temperature, top_k), top_p)
     probs = torch.softmax(logits, dim=-1)
@@ -112,7 +112,8 @@ def sprint_scores(logits: Tensor, pred: Tensor, strategy: str, active: Tensor,
 def select_transfer(conf: Tensor, active: Tensor, k: int | Tensor, threshold: float,
                     accept: Tensor | None = None) -> Tensor:
     """Positions to commit this step: the k most confident active positions, plus every active
-    position with conf > threshold (spec 5.1). conf [T], active [T] bool -> bool [T].
+    position with conf > threshold (spec 5.1). conf [T], active [T] bool -> bool [T]; leading batch
+    dims ([G, T]) run the same selection per row.
 
     k is effectively clamped to the number of active positions; inactive positions are never chosen
     whatever their score. Ties go to the lower position (stable sorts), so the result does not depend
@@ -120,9 +121,10 @@ def select_transfer(conf: Tensor, active: Tensor, k: int | Tensor, threshold: fl
     ``accept`` [T], if given, is what the threshold tests instead of conf: SPRINT ranks by margin or
     entropy but accepts by top-1 probability (spec 5.2).
     """
-    order = torch.sort(conf, descending=True, stable=True).indices
+    order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
     # Second stable sort moves active positions in front, keeping their confidence order.
-    order = order[torch.sort(active[order].to(torch.uint8), descending=True, stable=True).indices]
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
+    moved = torch.sort(active.gather(-1, order).to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    order = order.gather(-1, moved)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                            .expand_as(order).contiguous())
     return active & ((rank < k) | ((conf if accept is None else accept) > threshold))
