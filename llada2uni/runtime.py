@@ -25,7 +25,7 @@ from .models.cache import KVCache
 from .ops.attention import block_causal_mask, rope_positions
 from .ops.attention_triton import window_attention, window_attention_reference
 from .ops.moe import experts_grouped, experts_reference, grouped_supported, route
-from .ops.moe_triton import route_supported
+from .ops.moe_triton import route_supported, route_triton
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,6 @@ def _router_part(x, gate_w, bias, n_group: int, topk_group: int, top_k: int, sca
 
 def _fused_router(x, gate_w, bias, n_group: int, topk_group: int, top_k: int, scale: float, norm: bool):
     """``_router_part`` with the top-k selection in one Triton launch (``moe_triton.route_triton``)."""
-    from .ops.moe_triton import route_triton
     return route_triton(F.linear(x.float(), gate_w), bias, n_group=n_group, topk_group=topk_group, top_k=top_k,
                         routed_scaling_factor=scale, norm_topk_prob=norm)
 

@@ -131,7 +131,6 @@ def _committed(row: torch.Tensor, plen: int, req: DenoiseRequest, upto: int) -> 
     return out if cut is None else out[: cut + 1]
 
 
-
 def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], scheds: list[list[int]],
           step: int, batchable: bool) -> list[list[int]]:
     """The alive requests in forward order, grouped into runs of neighbours (adjacent logits rows) that
