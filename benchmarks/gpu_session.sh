@@ -27,9 +27,9 @@ for what in "$@"; do
           | tee "$OUT/bench_sprint.log" | tail -14 ;;
     e2e)
       timeout 300 python3 benchmarks/bench_e2e.py 2>&1 | tee "$OUT/bench_e2e.log" | tail -12 ;;
-    profile)  # where a compiled step's GPU time goes: 1 and 32 rows at the T2I prefix
+    profile)  # where a graph-replayed step's GPU time goes: 1 and 32 rows at the T2I prefix
       for rows in 1 32; do
-        timeout 150 python3 benchmarks/profile_step.py --compile --rows "$rows" 2>&1 | tee "$OUT/profile_r$rows.log" | tail -1
+        timeout 150 python3 benchmarks/profile_step.py --graph --rows "$rows" 2>&1 | tee "$OUT/profile_r$rows.log" | tail -1
       done ;;
     backbone)
       timeout 300 python3 benchmarks/bench_backbone.py --no-clear 2>&1 | tee "$OUT/bench_backbone.log" | tail -12 ;;

@@ -25,10 +25,12 @@ def main():
     ap.add_argument("--prefix", type=int, default=1088)
     ap.add_argument("--compile", action="store_true", help="the compiled step parts (no graph)")
     ap.add_argument("--attention", default="auto", choices=("auto", "sdpa"))
+    ap.add_argument("--graph", action="store_true", help="profile CUDA-graph replays (the serving path)")
     args = ap.parse_args()
     cfg = BackboneConfig()
     model = make_random(cfg, device="cuda", dtype=torch.bfloat16)
-    fast = FastBackboneLogits(model, eager=True, compile=args.compile, attention=args.attention)
+    fast = FastBackboneLogits(model, eager=not args.graph, compile=args.compile or args.graph,
+                              attention=args.attention)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.rows, args.prefix + 32), generator=g).cuda()
     pads = torch.zeros(args.rows, dtype=torch.long, device="cuda")
@@ -44,7 +46,16 @@ def main():
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
     print(table)
     total = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 5 / 1e3
-    print(f"GPU busy time per step: {total:.2f} ms")
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        fast(ids[:, args.prefix:], args.prefix, pads, cache, 32)
+    end.record()
+    torch.cuda.synchronize()
+    wall = start.elapsed_time(end) / 10
+    # busy < wall: idle gaps between kernels (launch latency; inside a graph, node-to-node latency)
+    print(f"GPU busy time per step: {total:.2f} ms; wall per step {wall:.2f} ms ({wall - total:.2f} ms idle)")
 
 
 if __name__ == "__main__":
