@@ -149,10 +149,11 @@ def _splits(programs: int, s: int, bn: int, device: torch.device) -> int:
 
 
 def window_attention_triton(q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor, kv_lim: Tensor, scale: float,
-                            splits: int | None = None) -> Tensor:
+                            splits: int | None = None, config: tuple[int, int, int, int] | None = None) -> Tensor:
     """``window_attention_reference``'s contract with the Triton kernels. The result is a [R, Hq, T, D]
     view of a [R, T, Hq, D] tensor, so the output projection's reshape is free. ``splits`` (a power of
-    two) overrides the key splits chosen for the GPU."""
+    two) overrides the key splits chosen for the GPU, ``config`` (query tile, key tile, warps, stages)
+    the tiles (``benchmarks/bench_attention.py --sweep``)."""
     r, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -163,14 +164,15 @@ def window_attention_triton(q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor, kv_
     out = torch.empty(r, t, hq, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     mg = t * group  # query rows per KV head
     bm = min(128, max(16, triton.next_power_of_2(mg)))
-    bn = 64
+    bn, warps, stages = 64, 4 if bm <= 64 else 8, 2
+    if config is not None:
+        bm, bn, warps, stages = config
     m_tiles = -(-mg // bm)
     if splits is None:
         splits = _splits(m_tiles * r * hkv, s, bn, q.device)
     grid = (m_tiles, r * hkv, splits)
     args = (scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    meta = dict(GROUP=group, HKV=hkv, SPLITS=splits, D=d, BM=bm, BN=bn, num_warps=4 if bm <= 64 else 8,
-                num_stages=2)
+    meta = dict(GROUP=group, HKV=hkv, SPLITS=splits, D=d, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
     if splits == 1:
         _window[grid](q, k, v, key_ok, kv_lim, out, out, out, *args,
                       out.stride(0), out.stride(1), out.stride(2), t, s, **meta)
