@@ -80,6 +80,26 @@ class _Compiled:
                     getattr(self.eager, "__name__", "a step part"), type(error).__name__, str(error)[:200])
 
 
+_SHARED: dict[tuple, _Compiled] = {}
+
+
+def _shared_compiled(fn, dims: dict[int, tuple[int, ...]], backend: str) -> _Compiled:
+    """One ``_Compiled`` per (step part, backend) for the whole process. Dynamo keeps its graphs per
+    function, and each new ``torch.compile`` wrapper of the same function adds its own entries, so
+    per-instance wrappers (a benchmark's variants, a second pipeline) would reach the recompile limit
+    and fall back to eager; shared, every StaticStep reuses the same graphs."""
+    key = (fn, backend)
+    if key not in _SHARED:
+        _SHARED[key] = _Compiled(fn, dims, backend)
+    return _SHARED[key]
+
+
+def reset_compiled() -> None:
+    """Forget every compiled step part (and Dynamo's caches): the next step compiles afresh."""
+    _SHARED.clear()
+    torch._dynamo.reset()
+
+
 MOE_BACKENDS = ("auto", "triton", "grouped", "reference")
 
 
@@ -214,7 +234,7 @@ class StaticStep:
         # "auto": the Triton window kernels where supported, else SDPA; "sdpa": SDPA under the full
         # mask (the baseline the kernels are measured against)
         self.attend = self.ATTENTION[attention]
-        wrap = (lambda f, dims: _Compiled(f, dims, backend)) if compile else (lambda f, dims: f)
+        wrap = (lambda f, dims: _shared_compiled(f, dims, backend)) if compile else (lambda f, dims: f)
         # h, cos, sin [R, T, .]; caches [R, Hkv, S, D]; write_index [T]; key_ok [R, S]; kv_lim [T]
         self.attention = wrap(_attention_part, {0: (0, 1), 1: (0, 1), 2: (0, 1), 3: (0, 2), 4: (0, 2), 5: (0,),
                                                 6: (0, 1), 7: (0,)})
@@ -224,7 +244,8 @@ class StaticStep:
 
     @property
     def compiles(self) -> int:
-        """Graphs compiled so far over the three parts (0 when not compiling)."""
+        """Graphs compiled so far over the three parts, process-wide: the compiled parts are shared by
+        every StaticStep (0 when not compiling)."""
         return sum(getattr(p, "compiles", 0) for p in (self.attention, self.router, self.combine))
 
     def __call__(self, ids, positions, write_index, key_ok, kv_lim, cache, num_logits,
