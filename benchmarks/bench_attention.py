@@ -26,7 +26,7 @@ from bench_backbone import copy_bandwidth, timer  # noqa: E402
 from bench_moe import graphed  # noqa: E402
 
 from llada2uni.ops.attention_triton import (window_attention_reference,  # noqa: E402
-                                            window_attention_triton)
+                                            window_attention_triton, window_limits)
 
 CASES = [  # name, rows, window start, window length, cache length
     ("t2i step", 2, 1088, 32, 2048), ("t2i first", 2, 1056, 64, 2048), ("1 row", 1, 1088, 32, 2048),
@@ -41,8 +41,7 @@ def inputs(rows, start, t, cache, device):
     v = torch.randn(rows, 4, cache, 128, device=device, generator=g).bfloat16()
     key_ok = torch.ones(rows, cache, dtype=torch.bool, device=device)
     key_ok[1:, :7] = False  # a left-padded CFG row
-    p = torch.arange(start, start + t, device=device)
-    kv_lim = ((p // 32 + 1) * 32).clamp_max(start + t).to(torch.int32)
+    kv_lim = window_limits(start, start + t, 32, device)
     return q, k, v, key_ok, kv_lim
 
 

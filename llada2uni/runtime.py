@@ -23,7 +23,7 @@ from torch import Tensor
 from .models.backbone import LLaDA2MoeForLM, MoE, apply_partial_rope, rope_cos_sin
 from .models.cache import KVCache
 from .ops.attention import block_causal_mask, rope_positions
-from .ops.attention_triton import window_attention, window_attention_reference
+from .ops.attention_triton import window_attention, window_attention_reference, window_limits
 from .ops.moe import experts_grouped, experts_reference, grouped_supported, route
 from .ops.moe_triton import route_supported, route_triton
 
@@ -395,8 +395,7 @@ class FastBackboneLogits:
         positions = rope_positions(start, end, pad_lens)
         key_ok = torch.zeros(cache.rows, cache.max_len, dtype=torch.bool, device=dev)  # padding rows: nothing
         key_ok[: ids.shape[0]] = torch.arange(cache.max_len, device=dev)[None, :] >= pad_lens[:, None]
-        q = torch.arange(start, end, device=dev)
-        kv_lim = ((q // self.block_length + 1) * self.block_length).clamp_max(end).to(torch.int32)
+        kv_lim = window_limits(start, end, self.block_length, dev)
         write_index = torch.arange(start, end, device=dev)
         return (*self._pad_rows(ids, positions, cache.rows), write_index, key_ok, kv_lim)
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from llada2uni.ops.attention import block_causal_mask
-from llada2uni.ops.attention_triton import (window_attention, window_attention_reference, window_mask)
+from llada2uni.ops.attention_triton import (window_attention, window_attention_reference, window_limits,
+                                            window_mask)
 
 
 def visibility(start, end, pads, block, cache_len):
     """What the fast path passes for a window: real keys per row, per-query key limit."""
     key_ok = torch.arange(cache_len)[None, :] >= pads[:, None]
-    q = torch.arange(start, end)
-    return key_ok, ((q // block + 1) * block).clamp_max(end).to(torch.int32)
+    return key_ok, window_limits(start, end, block)
 
 
 @pytest.mark.parametrize("start,end", [(0, 48), (64, 128), (96, 128), (0, 7), (32, 40)])
@@ -49,8 +49,8 @@ def test_custom_op_is_the_reference_on_cpu_and_compiles():
 
 INTERPRETED = textwrap.dedent("""
     import torch
-    from llada2uni.ops.attention_triton import window_attention_reference, window_attention_triton
-    from llada2uni.ops.attention import block_causal_mask
+    from llada2uni.ops.attention_triton import (window_attention_reference, window_attention_triton,
+                                                window_limits)
     g = torch.Generator().manual_seed(0)
     # rows, q heads, kv heads, window start, length, cache, head dim, key splits, left pads
     cases = [(2, 4, 2, 96, 32, 192, 32, 1, [0, 40]), (2, 4, 2, 96, 32, 192, 32, 2, [0, 40]),
@@ -61,8 +61,7 @@ INTERPRETED = textwrap.dedent("""
         k, v = torch.randn(r, hkv, s, d, generator=g), torch.randn(r, hkv, s, d, generator=g)
         pads = torch.tensor(pads)
         key_ok = torch.arange(s)[None, :] >= pads[:, None]
-        p = torch.arange(start, start + t)
-        kv_lim = ((p // 32 + 1) * 32).clamp_max(start + t).to(torch.int32)
+        kv_lim = window_limits(start, start + t, 32)
         ref = window_attention_reference(q, k, v, key_ok, kv_lim, d ** -0.5)
         out = window_attention_triton(q, k, v, key_ok, kv_lim, d ** -0.5, splits=splits)
         err = (out - ref).abs().max().item()
@@ -97,8 +96,7 @@ def test_triton_window_attention_matches_reference_on_gpu(rows, start, t, cache)
     assert supported(q, k)
     pads = torch.randint(0, 40, (rows,), device="cuda", generator=g)
     key_ok = torch.arange(cache, device="cuda")[None, :] >= pads[:, None]
-    p = torch.arange(start, start + t, device="cuda")
-    kv_lim = ((p // 32 + 1) * 32).clamp_max(start + t).to(torch.int32)
+    kv_lim = window_limits(start, start + t, 32, "cuda")
     ref = window_attention_reference(q.float(), k.float(), v.float(), key_ok, kv_lim, 128 ** -0.5)
     out = window_attention_triton(q, k, v, key_ok, kv_lim, 128 ** -0.5)
     assert (out.float() - ref).abs().max() < 2e-2

@@ -30,6 +30,13 @@ except ImportError:  # CPU-only installs: the torch reference is used
     triton = None
 
 
+def window_limits(start: int, end: int, block_length: int, device: torch.device | str | None = None) -> Tensor:
+    """``kv_lim`` of the window [start, end) under the block-causal rule (spec 3.3): the query at
+    position p sees keys j < min(end, (p // B + 1) * B). Returns [end - start] int32."""
+    p = torch.arange(start, end, device=device)
+    return ((p // block_length + 1) * block_length).clamp_max(end).to(torch.int32)
+
+
 def window_mask(key_ok: Tensor, kv_lim: Tensor) -> Tensor:
     """The [R, 1, T, S] boolean mask that (key_ok, kv_lim) stand for."""
     keys = torch.arange(key_ok.shape[1], device=key_ok.device)
