@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, "benchmarks")
-from bench_backbone import copy_bandwidth, timer  # noqa: E402
+from bench_backbone import copy_bandwidth, git_commit, timer  # noqa: E402
 from bench_moe import graphed  # noqa: E402
 
 from llada2uni.ops.attention_triton import (window_attention_reference,  # noqa: E402
@@ -86,7 +85,7 @@ def main():
         results.append(row)
         print(row, flush=True)
     card = torch.cuda.get_device_name(device)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     print(f"\ncard: {card}   copy bandwidth: {bw:.0f} GB/s")
     print(f"{'case':10s} {'rows':>4s} {'keys':>5s} {'floor ms':>9s} {'sdpa ms':>8s} {'triton ms':>9s} {'x floor':>7s} "
           f"{'swept ms':>8s}  swept (bm, bn, warps, stages) / splits")

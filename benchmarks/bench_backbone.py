@@ -56,6 +56,11 @@ def timer(fn, device, warmup=2, reps=7):
     return statistics.median(times)
 
 
+def git_commit() -> str:
+    """The short commit of the tree the benchmark runs (for its JSON line)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
 def copy_bandwidth(device) -> float:
     """Measured device-to-device copy GB/s (bytes read + written)."""
     if device.type != "cuda":
@@ -135,31 +140,25 @@ def run_case(name, model, cfg, rows, prefix, device, bw, paths, log):
     result["unique_experts_per_layer"] = round(sum(counter.unique) / max(len(counter.unique), 1), 1)
     result["eager_ms"] = timer(lambda: fast(ids[:, prefix:], prefix, pads, cache, 32), device)
     if device.type == "cuda" and fast.grouped:
-        graphed = FastBackboneLogits(model, eager=False)
+        def graph_ms(**kw):  # one variant of the graphed step, its graphs dropped after timing
+            fn = FastBackboneLogits(model, eager=False, **kw)
+            try:
+                return timer(lambda: fn(ids[:, prefix:], prefix, pads, cache, 32), device, warmup=3, reps=20)
+            finally:
+                fn._graphs.clear()
         try:
-            result["graph_ms"] = timer(lambda: graphed(ids[:, prefix:], prefix, pads, cache, 32), device,
-                                       warmup=3, reps=20)
+            result["graph_ms"] = graph_ms()
         except RuntimeError as e:  # report, keep the other numbers
             result["graph_error"] = str(e)[:200]
-        graphed._graphs.clear()
-        compiled = FastBackboneLogits(model, eager=False, compile=True)
         try:
-            result["compiled_graph_ms"] = timer(lambda: compiled(ids[:, prefix:], prefix, pads, cache, 32),
-                                                device, warmup=3, reps=20)
+            result["compiled_graph_ms"] = graph_ms(compile=True)
         except Exception as e:  # report, keep the other numbers
             result["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        compiled._graphs.clear()
         if fast.moe == "triton":  # the grouped-GEMM dispatch in the same run: the baseline it replaces
-            grouped = FastBackboneLogits(model, eager=False, compile=True, moe="grouped")
-            result["grouped_compiled_graph_ms"] = timer(lambda: grouped(ids[:, prefix:], prefix, pads, cache, 32),
-                                                        device, warmup=3, reps=20)
-            grouped._graphs.clear()
+            result["grouped_compiled_graph_ms"] = graph_ms(compile=True, moe="grouped")
             FastBackboneLogits(model, eager=True)  # restore the default dispatch
         # SDPA under the full cache mask instead of the window kernels: the attention baseline
-        sdpa = FastBackboneLogits(model, eager=False, compile=True, attention="sdpa")
-        result["sdpa_compiled_graph_ms"] = timer(lambda: sdpa(ids[:, prefix:], prefix, pads, cache, 32),
-                                                 device, warmup=3, reps=20)
-        sdpa._graphs.clear()
+        result["sdpa_compiled_graph_ms"] = graph_ms(compile=True, attention="sdpa")
     parts = step_bytes(cfg, counter.unique, rows, prefix)
     result["bytes_gb"] = round(parts["total"] / 1e9, 3)
     result["floor_ms"] = round(parts["total"] / (bw * 1e9) * 1e3, 3)
@@ -216,7 +215,7 @@ def main():
         r["tokens_per_s"] = round(n * 32 / (best / 1e3))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     print(f"\ncard: {card}   copy bandwidth: {bw:.0f} GB/s   model build: {build_s:.1f} s   peak mem {peak:.1f} GiB")
     print(f"{'case':10s} {'rows':>4s} {'prefix':>6s} {'clear ms':>9s} {'eager ms':>9s} {'graph ms':>9s} "
           f"{'compiled':>9s} {'grouped':>9s} {'sdpa':>9s} {'floor ms':>9s} {'x floor':>7s} {'GB/s':>7s} {'experts/L':>9s} "

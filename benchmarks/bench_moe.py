@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, "benchmarks")
-from bench_backbone import copy_bandwidth, timer  # noqa: E402
+from bench_backbone import copy_bandwidth, git_commit, timer  # noqa: E402
 
 from llada2uni.ops.moe import experts_grouped, experts_reference, route  # noqa: E402
 from llada2uni.ops.moe_triton import CONFIGS, experts_fused, pick_config  # noqa: E402
@@ -91,7 +90,7 @@ def main():
         rows.append(row)
         print(row, flush=True)
     card = torch.cuda.get_device_name(dev)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     print(f"\ncard: {card}   copy bandwidth {bw:.0f} GB/s   expert {expert_bytes / 1e6:.1f} MB   configs {CONFIGS}")
     print(f"{'tokens':>6s} {'experts':>7s} {'floor ms':>8s} {'grouped':>8s} {'x':>5s} {'fused':>8s} {'x':>5s} "
           f"{'err':>8s}  best swept")
