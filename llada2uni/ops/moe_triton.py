@@ -238,11 +238,14 @@ def route_triton(router_logits: Tensor, expert_bias: Tensor, *, n_group: int, to
     return ids, w
 
 
+def _experts_fit(num_experts: int) -> bool:
+    # the router and alignment kernels hold all experts in one block: a power of two, at most 1024
+    return triton is not None and num_experts & (num_experts - 1) == 0 and num_experts <= 1024
+
+
 def route_supported(num_experts: int, n_group: int) -> bool:
     """The fused router takes power-of-two expert and group counts (Triton block sizes)."""
-    e = num_experts
-    return (triton is not None and e & (e - 1) == 0 and n_group & (n_group - 1) == 0 and e % n_group == 0
-            and e <= 1024)
+    return _experts_fit(num_experts) and n_group & (n_group - 1) == 0 and num_experts % n_group == 0
 
 
 # (block_m, gate/up BN, BK, warps, stages), (down BN, BK, warps, stages) by tokens per touched expert;
@@ -281,7 +284,7 @@ def experts_fused(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tensor, w
     e, two_i, h = w13.shape
     inter = two_i // 2
     (bm, bn1, bk1, warps1, stages1), (bn2, bk2, warps2, stages2) = config or pick_config(n * k, e)
-    align = align_triton if e & (e - 1) == 0 and e <= 1024 else align_blocks
+    align = align_triton if _experts_fit(e) else align_blocks
     order, bexp, bstart, brows = align(expert_ids.reshape(-1), e, bm)
     x = x.contiguous()
     act = torch.empty(n * k, inter, device=x.device, dtype=x.dtype)  # sorted slot order
