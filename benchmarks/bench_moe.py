@@ -38,10 +38,30 @@ def graphed(fn):
     return g.replay
 
 
+GATE_UP_GRID = list(itertools.product((64, 128), (64, 128), (4, 8), (3, 4)))  # BN, BK, warps, stages
+DOWN_GRID = list(itertools.product((64, 128, 256), (64, 128), (4, 8), (3, 4)))
+
+
+def sweep_variants(x, ids, w, w13, w2, default):
+    (bm, *_), down = default
+    out = {}
+    for b in (32, 64, 128):  # the block size itself, tiles as at 64 (8 warps for 128 rows)
+        c = ((b, *CONFIGS[64][0][1:3], 8 if b == 128 else 4, 3), (*CONFIGS[64][1][:2], 8 if b == 128 else 4, 3))
+        out[f"block{c}".replace(" ", "")] = (lambda c=c: experts_fused(x, ids, w, w13, w2, config=c))
+    for bn, bk, warps, st in GATE_UP_GRID:
+        c = ((bm, bn, bk, warps, st), down)
+        out[f"gate_up{c[0]}".replace(" ", "")] = (lambda c=c: experts_fused(x, ids, w, w13, w2, config=c))
+    for bn, bk, warps, st in DOWN_GRID:
+        c = (default[0], (bn, bk, warps, st))
+        out[f"down{c[1]}".replace(" ", "")] = (lambda c=c: experts_fused(x, ids, w, w13, w2, config=c))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="32,64,256,1024,2048")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configs")
+    ap.add_argument("--sweep-from", type=int, default=1024, help="sweep only from this token count on")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -62,29 +82,28 @@ def main():
         row = {"tokens": n, "experts": unique, "floor_ms": round(floor_ms, 4)}
         variants = {"grouped": lambda: experts_grouped(x, ids, w, w13, w2),
                     "fused": lambda: experts_fused(x, ids, w, w13, w2)}
-        if args.sweep:  # tiles around the default, at the block size pick_config gives this count
-            bm = pick_config(n * K, E)[0][0]
-            for bn1, bk1, bn2, bk2, st in itertools.product((32, 64), (64, 128), (32, 64), (64, 128), (3, 4)):
-                c = ((bm, bn1, bk1, 4, st), (bn2, bk2, 4, st))
-                variants[f"cfg{c}".replace(" ", "")] = (lambda c=c: experts_fused(x, ids, w, w13, w2, config=c))
-        best_cfg = None
-        for name, fn in variants.items():
+        if args.sweep and n >= args.sweep_from:
+            # each kernel's tiles with the other kernel at its default, at pick_config's block size
+            variants.update(sweep_variants(x, ids, w, w13, w2, pick_config(n * K, E)))
+        best = {}  # swept kernel -> (variant, ms)
+        for name, fn in list(variants.items()):
+            swept = name.split("(")[0] if "(" in name else None
             try:
                 err = (fn() - ref).abs().max().item() / ref.abs().max().item()
                 ms = timer(graphed(fn), dev, warmup=3, reps=20)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
-                if not name.startswith("cfg"):
+                if swept is None:
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 continue
-            if name.startswith("cfg"):
-                if err < 2e-2 and (best_cfg is None or ms < best_cfg[1]):
-                    best_cfg = (name, ms)
+            if swept is not None:
+                if err < 2e-2 and (swept not in best or ms < best[swept][1]):
+                    best[swept] = (name, ms)
                 continue
             row[f"{name}_ms"] = round(ms, 4)
             row[f"{name}_rel_err"] = float(f"{err:.2e}")
-        if best_cfg:
-            row["best_cfg"], row["best_cfg_ms"] = best_cfg[0], round(best_cfg[1], 4)
-        for name in ("grouped", "fused", "best_cfg"):
+        for swept, (name, ms) in best.items():
+            row[f"best_{swept}"], row[f"best_{swept}_ms"] = name, round(ms, 4)
+        for name in ("grouped", "fused", "best_block", "best_gate_up", "best_down"):
             if f"{name}_ms" in row:
                 row[f"{name}_x_floor"] = round(row[f"{name}_ms"] / floor_ms, 2)
         rows.append(row)
@@ -93,12 +112,14 @@ def main():
     commit = git_commit()
     print(f"\ncard: {card}   copy bandwidth {bw:.0f} GB/s   expert {expert_bytes / 1e6:.1f} MB   configs {CONFIGS}")
     print(f"{'tokens':>6s} {'experts':>7s} {'floor ms':>8s} {'grouped':>8s} {'x':>5s} {'fused':>8s} {'x':>5s} "
-          f"{'err':>8s}  best swept")
+          f"{'err':>8s}  best swept (block; gate/up, down: the other at its default)")
     for r in rows:
         print(f"{r['tokens']:>6d} {r['experts']:>7d} {r['floor_ms']:>8.3f} {r.get('grouped_ms', float('nan')):>8.3f} "
               f"{r.get('grouped_x_floor', float('nan')):>5.2f} {r.get('fused_ms', float('nan')):>8.3f} "
               f"{r.get('fused_x_floor', float('nan')):>5.2f} {r.get('fused_rel_err', float('nan')):>8.1e}  "
-              f"{r.get('best_cfg', '')} {r.get('best_cfg_ms', '')}")
+              f"{r.get('best_block', '')} {r.get('best_block_ms', '')}  "
+              f"{r.get('best_gate_up', '')} {r.get('best_gate_up_ms', '')}  {r.get('best_down', '')} "
+              f"{r.get('best_down_ms', '')}")
     print(json.dumps({"bench": "moe", "card": card, "commit": commit, "copy_gbs": round(bw), "results": rows}))
 
 

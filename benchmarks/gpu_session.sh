@@ -21,9 +21,9 @@ for what in "$@"; do
           --max-tokens 128 --clients 1,8,32,64 --requests 8 --requests-per-client 2 --max-queue 128 --warmup 0 \
           2>&1 | tee "$OUT/load_test.log" | tail -14 ;;
     attention)
-      timeout 300 python3 benchmarks/bench_attention.py --sweep 2>&1 | tee "$OUT/bench_attention.log" | tail -9 ;;
+      timeout 240 python3 benchmarks/bench_attention.py --sweep 2>&1 | tee "$OUT/bench_attention.log" | tail -9 ;;
     moe)
-      timeout 300 python3 benchmarks/bench_moe.py --sweep 2>&1 | tee "$OUT/bench_moe.log" | tail -10 ;;
+      timeout 300 python3 benchmarks/bench_moe.py --sweep --tokens ${MOE_TOKENS:-32,64,1024,2048} 2>&1 | tee "$OUT/bench_moe.log" | tail -10 ;;
     sprint)
       timeout 170 python3 benchmarks/bench_sprint.py --device cuda --full --reps 2 2>&1 \
           | tee "$OUT/bench_sprint.log" | tail -14 ;;
@@ -34,6 +34,6 @@ for what in "$@"; do
         timeout 150 python3 benchmarks/profile_step.py --graph --rows "$rows" 2>&1 | tee "$OUT/profile_r$rows.log" | tail -1
       done ;;
     backbone)
-      timeout 300 python3 benchmarks/bench_backbone.py --no-clear 2>&1 | tee "$OUT/bench_backbone.log" | tail -12 ;;
+      timeout 300 python3 benchmarks/bench_backbone.py --no-clear --batches ${BATCHES:-1,4,16,32} 2>&1 | tee "$OUT/bench_backbone.log" | tail -12 ;;
   esac
 done
