@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install the carried wheels, run the GPU tests, then the named benchmarks,
 # each under its own time limit, every log under $OUT. Usage (from the repository root, on the GPU
-# machine, with .whl carried):  bash benchmarks/gpu_session.sh [tests] [load] [sprint] [backbone] [e2e] [moe] [attention] [profile]
+# machine, with .whl carried):  bash benchmarks/gpu_session.sh [tests] [load] [sprint] [backbone] [e2e] [moe] [attention] [profile] [batch]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -20,6 +20,8 @@ for what in "$@"; do
       timeout 400 python3 benchmarks/load_test.py --full --device cuda --task chat,t2i --size 512x512 --steps 32 --t2i-steps 8 \
           --max-tokens 128 --clients 1,8,32,64 --requests 8 --requests-per-client 2 --max-queue 128 --warmup 0 \
           2>&1 | tee "$OUT/load_test.log" | tail -14 ;;
+    batch)  # a batch through the sampler: the fused greedy pick vs the reference, forward vs other time
+      timeout 240 python3 benchmarks/bench_batch.py --requests 1,32 2>&1 | tee "$OUT/bench_batch.log" | tail -10 ;;
     attention)
       timeout 240 python3 benchmarks/bench_attention.py --sweep 2>&1 | tee "$OUT/bench_attention.log" | tail -9 ;;
     moe)

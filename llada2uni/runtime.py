@@ -26,6 +26,7 @@ from .ops.attention import block_causal_mask, rope_positions
 from .ops.attention_triton import window_attention, window_attention_reference, window_limits
 from .ops.moe import experts_grouped, experts_reference, grouped_supported, route
 from .ops.moe_triton import route_supported, route_triton
+from .sampling.guidance import Guidance, cfg_edit, cfg_rescale, cfg_simple
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +200,106 @@ def _router_part(x, gate_w, bias, n_group: int, topk_group: int, top_k: int, sca
                  routed_scaling_factor=scale, norm_topk_prob=norm)
 
 
+def router_logits(x: Tensor, gate_w: Tensor) -> Tensor:
+    """fp32 router logits x [N, H] @ gate_w [E, H].T. A ``gate_w`` in x's dtype (bf16) holds the fp32
+    weight's exact values (``StaticStep`` keeps such a copy only when the cast is lossless): the
+    products of two bf16 numbers are exact in fp32 and the tensor cores accumulate them in fp32, so
+    this is the fp32 GEMM up to summation order, without the fp32 SIMT kernel and the cast of x."""
+    if gate_w.dtype == x.dtype and x.is_cuda and x.dtype != torch.float32:
+        return torch.mm(x, gate_w.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), gate_w.float())
+
+
 def _fused_router(x, gate_w, bias, n_group: int, topk_group: int, top_k: int, scale: float, norm: bool):
     """``_router_part`` with the top-k selection in one Triton launch (``moe_triton.route_triton``)."""
-    return route_triton(F.linear(x.float(), gate_w), bias, n_group=n_group, topk_group=topk_group, top_k=top_k,
+    return route_triton(router_logits(x, gate_w), bias, n_group=n_group, topk_group=topk_group, top_k=top_k,
                         routed_scaling_factor=scale, norm_topk_prob=norm)
+
+
+def _lossless_gate(gate_w: Tensor, dtype: torch.dtype) -> Tensor:
+    """The router weight in ``dtype`` when that cast loses nothing (a bf16 checkpoint's values), else
+    the fp32 weight itself."""
+    low = gate_w.to(dtype)
+    return low if dtype != torch.float32 and torch.equal(low.float(), gate_w) else gate_w
 
 
 def _combine_part(h, routed, x, sg, su, sd):
     """Residual + routed (fp32 sum, cast) + shared expert."""
     return h + (routed.to(h.dtype) + F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd))
+
+
+# ---- the greedy choice, fused (``sampling.unmask.greedy_pick`` is the reference) ----
+#
+# A T2I step of 32 requests hands the sampler 64 x 32 x 173568 logits; the reference's chain (fp32
+# copy, CFG, two stds, rescale, the -inf canvas of the restriction, softmax, argmax) reads and writes
+# ~20 GB of fp32 per step, about as long as the forward itself. Compiled, each kind of guidance is a
+# few fused reductions over the bf16 logits. The restriction is a mask on [lo, hi) (0-d tensors, as
+# are the scales), so no value of a request specialises the graph; each kind is its own function,
+# so that each gets its own compile cache. Same formulas in the same order; confidence is
+# 1 / sum(exp(g - max)) over the allowed ids, which is softmax's value at the argmax.
+
+def _pick(g: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    ids = torch.arange(g.shape[-1], device=g.device)
+    g = torch.where((ids >= lo) & (ids < hi), g, float("-inf"))
+    top = g.amax(-1, keepdim=True)
+    return g.argmax(-1), 1.0 / torch.exp(g - top).sum(-1)
+
+
+def _pick_none(rows, lo, hi):
+    return _pick(rows[0].float(), lo, hi)
+
+
+def _pick_simple(rows, scale, rescale, lo, hi, do_rescale: bool):
+    rows = rows.float()
+    g = cfg_simple(rows[0], rows[1], scale)
+    return _pick(cfg_rescale(g, rows[0], rescale) if do_rescale else g, lo, hi)
+
+
+def _pick_edit(rows, text_scale, image_scale, rescale, lo, hi, do_rescale: bool):
+    rows = rows.float()
+    c = rows[0]
+    g = cfg_edit(c, rows[1], rows[2], text_scale, image_scale) if rows.shape[0] == 3 else \
+        cfg_simple(c, rows[1], text_scale)
+    return _pick(cfg_rescale(g, c, rescale) if do_rescale else g, lo, hi)
+
+
+class FusedGreedyPick:
+    """``greedy_pick``'s contract, each guidance kind compiled once (``_Compiled``: the request batch
+    and block sizes symbolic, eager if compilation fails). rows [R, G, B, V] or [R, B, V]."""
+
+    def __init__(self, backend: str = "inductor") -> None:
+        dims = {0: (1, 2)}  # rows [R, G, B, V]: G requests, B positions
+        self.parts = {kind: _shared_compiled(fn, dims, backend)
+                      for kind, fn in (("none", _pick_none), ("simple", _pick_simple), ("edit", _pick_edit))}
+        self._consts: dict = {}
+
+    def _const(self, value, device) -> Tensor:
+        # 0-d device tensors made once per value: a fresh torch.tensor(..., device=cuda) per step
+        # would be a host-to-device copy each time
+        key = (value, str(device))
+        if key not in self._consts:
+            self._consts[key] = torch.tensor(value, device=device)
+        return self._consts[key]
+
+    def __call__(self, guidance: Guidance, rows: Tensor, vocab: tuple[int, int] | None):
+        if rows.shape[0] < guidance.num_rows:
+            raise ValueError(f"guidance {guidance.kind!r} needs {guidance.num_rows} rows, got {rows.shape[0]}")
+        squeeze = rows.dim() == 3
+        if squeeze:
+            rows = rows[:, None]
+        dev = rows.device
+        lo, hi = vocab if vocab is not None else (0, rows.shape[-1])
+        lo, hi = self._const(int(lo), dev), self._const(int(hi), dev)
+        rescale = guidance.rescale > 0
+        r = self._const(float(guidance.rescale), dev)
+        if guidance.kind == "none":
+            pred, conf = self.parts["none"](rows[:1], lo, hi)
+        elif guidance.kind == "simple":
+            pred, conf = self.parts["simple"](rows[:2], self._const(float(guidance.scale), dev), r, lo, hi, rescale)
+        else:
+            pred, conf = self.parts["edit"](rows[:guidance.num_rows], self._const(float(guidance.text_scale), dev),
+                                            self._const(float(guidance.image_scale), dev), r, lo, hi, rescale)
+        return (pred[0], conf[0]) if squeeze else (pred, conf)
 
 
 class StaticStep:
@@ -240,6 +332,10 @@ class StaticStep:
                                                 6: (0, 1), 7: (0,)})
         # fused_router: the Triton top-k (CUDA), with the fused MoE dispatch; else torch's (compiled)
         self.router = _fused_router if fused_router else wrap(_router_part, {0: (0,)})  # x [R*T, H]
+        # the fused router's GEMM reads the gate weight in the model's dtype where that is lossless
+        dtype = model.model.word_embeddings.weight.dtype
+        self.gates = [_lossless_gate(layer.mlp.gate.weight, dtype) if fused_router and isinstance(layer.mlp, MoE)
+                      else getattr(getattr(layer.mlp, "gate", None), "weight", None) for layer in model.model.layers]
         self.combine = wrap(_combine_part, {0: (0, 1), 1: (0, 1), 2: (0, 1)})  # h, routed, x [R, T, H]
 
     @property
@@ -269,7 +365,7 @@ class StaticStep:
                 h = h + mlp(x)
                 continue
             flat = x.reshape(-1, x.shape[-1])
-            ids_, w = self.router(flat, mlp.gate.weight, mlp.gate.expert_bias, cfg.n_group, cfg.topk_group,
+            ids_, w = self.router(flat, self.gates[i], mlp.gate.expert_bias, cfg.n_group, cfg.topk_group,
                                   cfg.num_experts_per_tok, cfg.routed_scaling_factor, cfg.norm_topk_prob)
             routed = mlp.dispatch(flat, ids_, w, mlp.experts.w13, mlp.experts.w2).view(r, t, -1)
             sh = mlp.shared_experts
@@ -297,6 +393,8 @@ class FastBackboneLogits:
         self.step = StaticStep(model, compile=compile and self.grouped, attention=attention,
                                fused_router=self.moe == "triton" and route_supported(model.config.num_experts,
                                                                                      model.config.n_group))
+        # the sampler's greedy choice, compiled with the step (``generate`` looks for greedy_pick)
+        self.greedy_pick = FusedGreedyPick() if compile and self.grouped else None
 
     CACHE_QUANTUM = 512
     POOL = 4  # caches (and their graphs) kept for reuse across generations; warm_up raises it
@@ -432,7 +530,7 @@ class FastBackboneLogits:
         # A graph is tied to the K/V buffers it was captured on (a cache's, or its SPRINT view's).
         key = (ids.shape[0], ids.shape[1], num_logits, id(cache.k))
         if not self.graphs or ids.shape[1] not in self.GRAPH_WINDOWS:
-            return self.step(ids, positions, write_index, key_ok, kv_lim, cache, num_logits)[:rows]
+            return self.step(ids, positions, write_index, key_ok, kv_lim, cache, num_logits, fp32=False)[:rows]
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._capture(key, ids, positions, write_index, key_ok, kv_lim, cache, num_logits)
@@ -441,7 +539,9 @@ class FastBackboneLogits:
                             ("key_ok", key_ok), ("kv_lim", kv_lim)):
             static[name].copy_(value)
         graph["graph"].replay()
-        return graph["out"][:rows].float()  # the graph keeps bf16 logits; fp32 for the sampler
+        # The logits stay in the model's dtype (the sampler computes in fp32; an fp32 copy of 64 x 32 x
+        # 173568 logits would be 1.4 GB a step) and are the graph's own buffer: valid until the next call.
+        return graph["out"][:rows]
 
     def warm_up(self, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32), lengths: tuple[int, ...] = (2048,)) -> dict:
         """Compile and capture, now, the steps a generation replays (first-of-block and steady windows)

@@ -218,6 +218,10 @@ def random_backbone(config, *, device: str | torch.device = "cpu", dtype: torch.
                 p.normal_(0.0, 1.0, generator=gen)
             else:
                 p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+            if p.dtype != dtype and p.is_floating_point():
+                # fp32-held parameters (the router) get values of ``dtype``, as a checkpoint saved in
+                # it (the official one: bfloat16) gives them
+                p.copy_(p.to(dtype).float())
     return model.eval()
 
 

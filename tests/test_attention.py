@@ -55,22 +55,24 @@ INTERPRETED = textwrap.dedent("""
     # rows, q heads, kv heads, window start, length, cache, head dim, key splits, left pads
     cases = [(2, 4, 2, 96, 32, 192, 32, 1, [0, 40]), (2, 4, 2, 96, 32, 192, 32, 2, [0, 40]),
              (1, 4, 1, 64, 64, 256, 16, 4, [0]), (3, 2, 2, 0, 48, 128, 16, 2, [0, 5, 40]),
-             (1, 2, 1, 0, 7, 64, 16, 1, [0]), (2, 2, 1, 32, 16, 128, 16, 8, [0, 36]), (1, 8, 2, 32, 32, 192, 16, 2, [3])]
-    for r, hq, hkv, start, t, s, d, splits, pads in cases:
+             (1, 2, 1, 0, 7, 64, 16, 1, [0]), (2, 2, 1, 32, 16, 128, 16, 8, [0, 36]), (1, 8, 2, 32, 32, 192, 16, 2, [3]),
+             (2, 8, 2, 96, 32, 320, 16, 1, [0, 40], (128, 128, 8, 3)), (4, 4, 2, 96, 48, 192, 16, 1, [0, 1, 2, 40])]
+    for r, hq, hkv, start, t, s, d, splits, pads, *config in cases:  # the last two: the large tiles
+        config = config[0] if config else None
         q = torch.randn(r, t, hq, d, generator=g).transpose(1, 2)
         k, v = torch.randn(r, hkv, s, d, generator=g), torch.randn(r, hkv, s, d, generator=g)
         pads = torch.tensor(pads)
         key_ok = torch.arange(s)[None, :] >= pads[:, None]
         kv_lim = window_limits(start, start + t, 32)
         ref = window_attention_reference(q, k, v, key_ok, kv_lim, d ** -0.5)
-        out = window_attention_triton(q, k, v, key_ok, kv_lim, d ** -0.5, splits=splits)
+        out = window_attention_triton(q, k, v, key_ok, kv_lim, d ** -0.5, splits=splits, config=config)
         err = (out - ref).abs().max().item()
         assert err < 1e-4, (r, hq, hkv, start, t, s, splits, err)
         # a SPRINT view: arbitrary kept keys, the whole window visible
         keep = torch.rand(r, s, generator=g) < 0.5
         lim = torch.full((t,), s, dtype=torch.int32)
         ref = window_attention_reference(q, k, v, keep, lim, d ** -0.5)
-        out = window_attention_triton(q, k, v, keep, lim, d ** -0.5, splits=splits)
+        out = window_attention_triton(q, k, v, keep, lim, d ** -0.5, splits=splits, config=config)
         assert (out - ref).abs().max().item() < 1e-4
     print("ok", len(cases))
 """)
@@ -81,7 +83,7 @@ def test_triton_kernels_equal_the_reference_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")  # read when the kernels are defined: a fresh process
     run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "ok 7" in run.stdout
+    assert "ok 9" in run.stdout
 
 
 @pytest.mark.gpu

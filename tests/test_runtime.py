@@ -12,7 +12,7 @@ def _window_logits(fn, ids, pads, spans):
     cache = fn.new_cache(ids.shape[0], ids.shape[1] + 32)
     outs = []
     for start, end in spans:
-        outs.append(fn(ids[:, start:end], start, pads, cache, 32))
+        outs.append(fn(ids[:, start:end], start, pads, cache, 32).clone())  # a graph's buffer is reused
         cache.length = end - 32
     return outs
 
@@ -292,3 +292,93 @@ def test_retire_rows_moves_the_kept_rows_to_the_front(tiny_model):
         assert (out is cache) == (bucket == 4) and out.rows == bucket and out.real_rows == len(keep)
         assert out.length == 64 and out.max_len == cache.max_len
         assert torch.equal(out.k[:, : len(keep)], want_k) and torch.equal(out.v[:, : len(keep)], want_v)
+
+
+GUIDANCES = [("none", {}), ("simple", dict(scale=4.0)), ("simple", dict(scale=4.0, rescale=0.7)),
+             ("edit", dict(text_scale=7.5, rescale=0.7)), ("edit", dict(text_scale=7.5, image_scale=1.5, rescale=0.7)),
+             ("edit", dict(text_scale=5.0, image_scale=1.5))]
+
+
+def _pick_cases(device, dtype, v=300):
+    from llada2uni.sampling.guidance import Guidance
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for kind, kw in GUIDANCES:
+        guidance = Guidance(kind, **kw)
+        for vocab in (None, (100, 260)):
+            for shape in ((3, 32), (3, 5, 32)):  # one request [R, B, V]; a run of five [R, G, B, V]
+                rows = (torch.randn(*shape, v, generator=g) * 3).to(device, dtype)
+                yield guidance, rows, vocab
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_greedy_pick_equals_greedy_pick(dtype):
+    from llada2uni.runtime import FusedGreedyPick
+    from llada2uni.sampling.unmask import greedy_pick
+    fused = FusedGreedyPick(backend="eager")  # the maths; the inductor build is checked on the GPU
+    for guidance, rows, vocab in _pick_cases("cpu", dtype):
+        pred, conf = greedy_pick(guidance, rows, vocab)
+        fpred, fconf = fused(guidance, rows, vocab)
+        assert torch.equal(pred, fpred), (guidance, vocab, rows.shape)
+        torch.testing.assert_close(fconf, conf, rtol=1e-5, atol=1e-7)
+        if vocab is not None:
+            assert ((pred >= vocab[0]) & (pred < vocab[1])).all()
+    with pytest.raises(ValueError, match="needs 2 rows"):
+        from llada2uni.sampling.guidance import Guidance
+        fused(Guidance("simple", scale=2.0), torch.zeros(1, 4, 10), None)
+
+
+def test_generate_takes_the_logits_fns_fused_pick(tiny_model):
+    from llada2uni.runtime import FusedGreedyPick
+    from llada2uni.sampling.block import DenoiseRequest, generate
+    from llada2uni.sampling.guidance import Guidance
+    mask = tiny_model.config.mask_token_id
+    reqs = [DenoiseRequest(rows=[[5, 6, 7 + i], [mask, mask, 9]], pad_lens=[0, 2], gen_length=40, steps=4,
+                           guidance=Guidance("simple", scale=3.0, rescale=0.7), vocab=(50, 200)) for i in range(2)]
+    reqs.append(DenoiseRequest(rows=[[8, 9]], pad_lens=[0], gen_length=40, steps=8))
+    fast = FastBackboneLogits(tiny_model, eager=True)
+    assert fast.greedy_pick is None  # only with compile=True
+    plain = generate(fast, reqs, mask_id=mask).tokens
+    calls = []
+    inner = FusedGreedyPick(backend="eager")
+    fast.greedy_pick = lambda *a: (calls.append(a[1].shape), inner(*a))[1]
+    assert generate(fast, reqs, mask_id=mask).tokens == plain
+    # [CFG rows, requests, B, V]: the run of two guided requests, the unguided one alone
+    assert {c[:3] for c in calls} == {(2, 2, 32), (1, 1, 32)}
+    for m in tiny_model.modules():
+        if hasattr(m, "dispatch"):
+            from llada2uni.ops.moe import experts_reference
+            m.dispatch = experts_reference
+
+
+def test_router_gemm_reads_a_lossless_low_precision_gate():
+    from llada2uni.runtime import _lossless_gate, router_logits
+    w = torch.randn(16, 64)
+    assert _lossless_gate(w, torch.bfloat16) is w  # fp32 values bf16 cannot hold: kept fp32
+    exact = w.bfloat16().float()
+    low = _lossless_gate(exact, torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and torch.equal(low.float(), exact)
+    assert _lossless_gate(exact, torch.float32) is exact
+    x = torch.randn(5, 64).bfloat16()
+    ref = torch.nn.functional.linear(x.float(), exact)
+    torch.testing.assert_close(router_logits(x, exact), ref)  # CPU: the fp32 GEMM
+    assert router_logits(x, low).dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_fused_pick_and_router_gemm_on_gpu():
+    from llada2uni.runtime import FusedGreedyPick, router_logits
+    from llada2uni.sampling.unmask import greedy_pick
+    fused = FusedGreedyPick()  # inductor
+    for guidance, rows, vocab in _pick_cases("cuda", torch.bfloat16, v=20000):
+        pred, conf = greedy_pick(guidance, rows, vocab)
+        fpred, fconf = fused(guidance, rows, vocab)
+        assert (pred == fpred).float().mean() > 0.99, (guidance, vocab)  # fp32 rounding may flip a near-tie
+        torch.testing.assert_close(fconf, conf, rtol=1e-4, atol=1e-6)
+    assert not any(p.failed for p in fused.parts.values())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1024, 2048, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(256, 2048, device="cuda", generator=g) / 45).bfloat16()
+    ref = x.double() @ w.double().T
+    out = router_logits(x, w)
+    assert out.dtype == torch.float32
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-6  # fp32 accuracy, not bf16's 4e-3

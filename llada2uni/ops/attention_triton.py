@@ -145,13 +145,19 @@ def supported(q: Tensor, k: Tensor) -> bool:
 _SMS: dict[int, int] = {}
 
 
-def _splits(programs: int, s: int, bn: int, device: torch.device) -> int:
-    # A power of two: enough programs to fill the GPU, never more than the key tiles (or 8: the
-    # partial sums are written and read again, 64 KB per program).
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's CPU interpreter (tests): a nominal small GPU
+        return 4
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    want = max(1, min(8, -(-s // bn), -(-_SMS[idx] // programs)))
+    return _SMS[idx]
+
+
+def _splits(programs: int, s: int, bn: int, device: torch.device) -> int:
+    # A power of two: enough programs to fill the GPU, never more than the key tiles (or 8: the
+    # partial sums are written and read again, 64 KB per program).
+    want = max(1, min(8, -(-s // bn), -(-_sm_count(device) // programs)))
     return 1 << (want.bit_length() - 1)
 
 
@@ -170,8 +176,12 @@ def window_attention_triton(q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor, kv_
     kv_lim = kv_lim.to(torch.int32).contiguous()
     out = torch.empty(r, t, hq, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     mg = t * group  # query rows per KV head
-    bm = min(128, max(16, triton.next_power_of_2(mg)))
-    bn, warps, stages = 64, 4 if bm <= 64 else 8, 2
+    # Tiles from bench_attention.py --sweep on an H200 (RESULTS.md): 64-row query tiles in 4 warps,
+    # 3 stages, at every step shape up to 32 rows; 128 x 128 tiles in 8 warps once the programs are
+    # several per SM (64 rows).
+    bm, bn, warps, stages = min(64, max(16, triton.next_power_of_2(mg))), 64, 4, 3
+    if -(-mg // bm) * r * hkv >= 3 * _sm_count(q.device):
+        bm, bn, warps, stages = min(128, max(16, triton.next_power_of_2(mg))), 128, 8, 3
     if config is not None:
         bm, bn, warps, stages = config
     m_tiles = -(-mg // bm)

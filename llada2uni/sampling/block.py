@@ -18,7 +18,7 @@ from torch import FloatTensor, LongTensor
 from .guidance import Guidance, combine
 from .schedules import tokens_per_step
 from .sprint import PruneStats, Sprint, adaptive_k, keep_counts, keep_mask, max_prob, pins, supports
-from .unmask import restrict_vocab, sample_tokens, select_transfer, sprint_sample, sprint_scores
+from .unmask import greedy_pick, restrict_vocab, sample_tokens, select_transfer, sprint_sample, sprint_scores
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ class LogitsFn(Protocol):
         The callable derives RoPE positions max(phys - pad_len, 0) and the block-causal mask over keys
         [0, end) with each row's pad keys invisible. With a cache it attends to the cached keys
         [0, start) and writes the window's KV at [start, end); with cache=None, start is 0.
-        Returns fp32 logits [R, num_logits, V] of the LAST num_logits window positions.
+        Returns logits [R, num_logits, V] of the LAST num_logits window positions, fp32 or the model's
+        dtype (the loop computes in fp32), valid until the next call (a fast path may reuse its buffer).
+        Optional attribute greedy_pick: a fused ``unmask.greedy_pick`` for the greedy steps.
 
         Optional method new_cache(rows, max_len) -> cache; without it the loop runs uncached.
         Optional attribute sprint_views = True: its cache is a ``sprint.PrunableCache`` and its
@@ -154,17 +156,15 @@ def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], sc
 
 
 def _greedy_step(run: list[int], requests: list[DenoiseRequest], logits: torch.Tensor, offset: dict,
-                 first: list[int], todo: torch.Tensor, x: torch.Tensor, lo: int, hi: int, k: int) -> None:
-    """One denoising step of several greedy requests at once: the per-request step (guidance,
+                 first: list[int], todo: torch.Tensor, x: torch.Tensor, lo: int, hi: int, k: int,
+                 pick=greedy_pick) -> None:
+    """One denoising step of greedy requests of one kind at once: the per-request step (guidance,
     vocabulary, argmax and confidence, the k most confident) over a [G, ...] batch of them; the same
-    ops row by row, so the same tokens."""
+    ops row by row, so the same tokens. ``pick``: ``greedy_pick`` or a fused equivalent."""
     req = requests[run[0]]
     nrows = len(req.rows)
     g_rows = logits[offset[run[0]]:offset[run[0]] + nrows * len(run)]  # adjacent: a view
-    g = combine(req.guidance, g_rows.view(len(run), nrows, *g_rows.shape[1:]).transpose(0, 1))  # [G, B, V]
-    if req.vocab is not None:
-        g = restrict_vocab(g, *req.vocab)
-    pred, conf = sample_tokens(g)  # greedy
+    pred, conf = pick(req.guidance, g_rows.view(len(run), nrows, *g_rows.shape[1:]).transpose(0, 1), req.vocab)
     idx = torch.tensor(run, dtype=torch.long, device=todo.device)
     commit = select_transfer(conf, todo[idx, lo:hi], k, req.threshold)  # [G, B]
     todo[idx, lo:hi] &= ~commit
@@ -255,6 +255,8 @@ def generate(
     # logits; a final position's logits are the same in every forward, block attention being causal).
     conf_prefix = torch.zeros(n, L, device=device) if reuse else None
 
+    # A logits_fn may bring a fused greedy choice (the fast path's); the reference otherwise.
+    pick = getattr(logits_fn, "greedy_pick", None) or greedy_pick
     can_admit = admit is not None and sprint is None and (cache is None or hasattr(logits_fn, "extend_cache"))
     # Finished requests leave the forward at block boundaries (their rows and cache rows dropped), so
     # a batch that newcomers keep joining runs only the requests still denoising. SPRINT keeps its
@@ -336,8 +338,10 @@ def generate(
             if cache is not None:
                 valid = lo
             for run in _runs(live, alive, requests, scheds, step, sprint is None):
-                if len(run) > 1:  # greedy requests of one kind: their steps as one batched step
-                    _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, scheds[run[0]][step])
+                if len(run) > 1 or (sprint is None and requests[run[0]].temperature <= 0):
+                    # greedy requests of one kind: their steps as one batched step
+                    _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, scheds[run[0]][step],
+                                 pick)
                     for r in run:
                         touched[r] = True
                     continue

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import Tensor
 
+from .guidance import Guidance, combine
+
 
 def restrict_vocab(logits: Tensor, lo: int, hi: int) -> Tensor:
     """-inf outside [lo, hi): an image canvas may only hold image codes, and its confidence is then
@@ -57,6 +59,16 @@ def sample_tokens(
     probs = torch.softmax(logits, dim=-1)
     pred = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return pred, probs.gather(-1, pred[:, None])[:, 0]
+
+
+def greedy_pick(guidance: Guidance, rows: Tensor, vocab: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+    """A greedy step's choice from a request's CFG rows: rows [R, ..., V] (row 0 conditional) -> (pred
+    [...] long, conf [...] fp32) of the guided (and rescaled) logits restricted to ``vocab`` (spec
+    5.3-5.5). The reference of the fast path's fused version (``runtime.fused_greedy_pick``)."""
+    g = combine(guidance, rows)
+    if vocab is not None:
+        g = restrict_vocab(g, *vocab)
+    return sample_tokens(g)
 
 
 def sprint_sample(
