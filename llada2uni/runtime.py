@@ -571,12 +571,15 @@ class FastBackboneLogits:
             self(ids[:, :48], 0, pads, cache, self.block_length)  # a prefill-length window
         if self.greedy_pick is not None:  # the batched greedy choice of each guidance kind
             cfg = self.model.config
-            z = torch.zeros(3, 2, self.block_length, cfg.vocab_size, device=device,
-                            dtype=self.model.model.word_embeddings.weight.dtype)
             image = (cfg.image_token_offset, cfg.vocab_size)
-            self.greedy_pick(Guidance(), z[:1], None)
-            self.greedy_pick(Guidance("simple", scale=4.0, rescale=0.7), z[:2], image)
-            self.greedy_pick(Guidance("edit", text_scale=4.0, rescale=0.7), z[:2], image)
+            for guidance, vocab in ((Guidance(), None), (Guidance("simple", scale=4.0, rescale=0.7), image),
+                                    (Guidance("edit", text_scale=4.0, rescale=0.7), image)):
+                # laid out as the sampler hands a run over (two requests' rows in a row, viewed as
+                # [rows, requests, B, V]): another layout would be a new graph at the first real batch
+                n = guidance.num_rows
+                flat = torch.zeros(2 * n, self.block_length, cfg.vocab_size, device=device,
+                                   dtype=self.model.model.word_embeddings.weight.dtype)
+                self.greedy_pick(guidance, flat.view(2, n, *flat.shape[1:]).transpose(0, 1), vocab)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return {"seconds": round(time.perf_counter() - t, 2), "graphs": len(self._graphs),

@@ -389,3 +389,26 @@ def test_fused_pick_and_router_gemm_on_gpu():
     assert out.dtype == torch.float32
     # fp32 accumulation (measured 2.6e-6 of the largest logit); bf16 output would be ~2e-3
     assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_a_warmed_fused_pick_does_not_recompile_for_larger_runs(tiny_model):
+    """warm_up's picks (two requests) leave graphs that every later run of requests reuses: the
+    same layout as the sampler's (a view of adjacent rows), the run length symbolic."""
+    from llada2uni.runtime import FusedGreedyPick
+    from llada2uni.sampling.guidance import Guidance
+    fast = FastBackboneLogits(tiny_model, eager=True)
+    fast.greedy_pick = FusedGreedyPick(backend="eager")
+    fast.warm_up(rows=(1,), lengths=(64,))
+    before = {k: p.compiles for k, p in fast.greedy_pick.parts.items()}
+    v, lo = tiny_model.config.vocab_size, tiny_model.config.image_token_offset
+    for g in (3, 8, 17):
+        logits = torch.randn(2 * g, 32, v)  # g T2I requests, as the forward returns them
+        fast.greedy_pick(Guidance("simple", scale=4.0, rescale=0.7), logits.view(g, 2, 32, v).transpose(0, 1),
+                         (lo, v))
+        fast.greedy_pick(Guidance(), torch.randn(g, 32, v).view(g, 1, 32, v).transpose(0, 1), None)
+    assert {k: p.compiles for k, p in fast.greedy_pick.parts.items()} == before
+    assert not any(p.failed for p in fast.greedy_pick.parts.values())
+    for m in tiny_model.modules():
+        if hasattr(m, "dispatch"):
+            from llada2uni.ops.moe import experts_reference
+            m.dispatch = experts_reference
