@@ -7,9 +7,11 @@ For each task (chat: 128 tokens in 32 steps a block; T2I 512 px: 256 codes in 8 
 with rescale 0.7, the image vocabulary) and request count, one ``generate`` over all requests at once
 (no admission), each variant after one untimed run of the same shapes (captures, compiles):
 
-* ``fused``: the pipeline's path (``FastBackboneLogits(compile=True)``, whose ``greedy_pick`` is the
-  compiled guidance + restriction + argmax/confidence);
-* ``reference``: the same forwards, the sampler's reference ``greedy_pick`` (eager fp32 chain).
+* ``sliced`` (T2I): the pipeline's path: the image canvas's step computes the logits of the image
+  ids only, with the full vocabulary's moments for cfg_rescale (``VocabMoments``);
+* ``fused``: full-vocabulary logits, ``FastBackboneLogits(compile=True)``'s ``greedy_pick`` (the
+  compiled guidance + restriction + argmax/confidence); for chat this is the pipeline's path;
+* ``reference``: full-vocabulary logits, the sampler's reference ``greedy_pick`` (eager fp32 chain).
 
 Reported: wall time, forwards, ms per forward, requests/s, and the GPU time inside the forwards
 (CUDA events around each ``logits_fn`` call), so "other" = sampler and host work per forward.
@@ -92,8 +94,9 @@ def main():
     for task in args.tasks.split(","):
         for n in [int(x) for x in args.requests.split(",")]:
             reqs = requests(task, n)
-            for variant in ("fused", "reference"):
-                fast.greedy_pick = fused_pick if variant == "fused" else None
+            for variant in (("sliced", "fused", "reference") if task == "t2i" else ("fused", "reference")):
+                fast.greedy_pick = None if variant == "reference" else fused_pick
+                fast.vocab_slices = variant == "sliced"
                 pipe.logits_fn = fast
                 pipe._run(reqs, 32, task)  # captures, compiles
                 timed = Timed(fast)
@@ -113,6 +116,7 @@ def main():
                 print(row, flush=True)
     pipe.logits_fn = fast
     fast.greedy_pick = fused_pick
+    del fast.vocab_slices  # back to the class default
     card = torch.cuda.get_device_name(dev)
     print(f"\ncard: {card}")
     print(f"{'task':5s} {'reqs':>4s} {'variant':>9s} {'wall s':>7s} {'fwds':>5s} {'ms/fwd':>7s} {'in fwd':>7s} "

@@ -27,7 +27,7 @@ from .ops.attention_triton import window_attention, window_attention_reference, 
 from .ops.moe import experts_grouped, experts_reference, grouped_supported, route
 from .ops.moe_triton import route_supported, route_triton
 from .sampling.guidance import Guidance, cfg_edit, cfg_rescale, cfg_simple
-from .sampling.unmask import greedy_pick
+from .sampling.unmask import VocabMoments, greedy_pick
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,10 @@ class FusedGreedyPick:
             self._consts[key] = torch.tensor(value, device=device)
         return self._consts[key]
 
-    def __call__(self, guidance: Guidance, rows: Tensor, vocab: tuple[int, int] | None):
+    def __call__(self, guidance: Guidance, rows: Tensor, vocab: tuple[int, int] | None,
+                 moments: VocabMoments | None = None):
+        if moments is not None:  # logits of the vocab slice only: ~10x fewer, the reference serves
+            return greedy_pick(guidance, rows, vocab, moments)
         if rows.shape[0] < guidance.num_rows:
             raise ValueError(f"guidance {guidance.kind!r} needs {guidance.num_rows} rows, got {rows.shape[0]}")
         squeeze = rows.dim() == 3
@@ -353,8 +356,22 @@ class StaticStep:
         every StaticStep (0 when not compiling)."""
         return sum(getattr(p, "compiles", 0) for p in (self.attention, self.router, self.combine))
 
+    def lm_head_moments(self) -> tuple[Tensor, Tensor]:
+        """(Gram W^T W [H, H], column sums sum_v W_v [H]) of the LM head, fp32, made once: with them
+        the moments of all V logits l = W h follow from h alone (sum l = h . s, sum l^2 = h^T G h)."""
+        if getattr(self, "_gram", None) is None:
+            w = self.model.lm_head.weight
+            gram = torch.zeros(w.shape[1], w.shape[1], device=w.device, dtype=torch.float32)
+            for chunk in w.split(8192):  # fp32 in pieces: the whole head in fp32 would be 1.4 GB
+                c = chunk.float()
+                gram.addmm_(c.T, c)
+            self._gram, self._wsum = gram, w.float().sum(0)
+        return self._gram, self._wsum
+
     def __call__(self, ids, positions, write_index, key_ok, kv_lim, cache, num_logits,
-                 fp32: bool = True) -> Tensor:
+                 fp32: bool = True, vocab: tuple[int, int] | None = None):
+        """``vocab`` = (lo, hi): logits of those ids only, returned with their full-vocabulary
+        moments as (logits [R, T, hi - lo], sums [R, T], cross [T, R, R]) (``unmask.VocabMoments``)."""
         model, cfg = self.model, self.model.config
         hq, hkv, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
         r, t = ids.shape
@@ -380,6 +397,12 @@ class StaticStep:
             sh = mlp.shared_experts
             h = self.combine(h, routed, x, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
         h = model.model.norm(h[:, -num_logits:])
+        if vocab is not None:
+            gram, wsum = self.lm_head_moments()
+            logits = F.linear(h, model.lm_head.weight[vocab[0]:vocab[1]])
+            hf = h.float()
+            cross = torch.einsum("ith,jth->tij", hf @ gram, hf)
+            return (logits.float() if fp32 else logits), hf @ wsum, cross
         logits = F.linear(h, model.lm_head.weight)
         return logits.float() if fp32 else logits  # fp32=False: the model's dtype (half the memory)
 
@@ -518,9 +541,18 @@ class FastBackboneLogits:
         write_index = torch.arange(view.kept, view.kept + t, device=ids.device)
         return (*self._pad_rows(ids, positions, cache.rows), write_index, view.visible, kv_lim)
 
+    vocab_slices = True  # accepts vocab=(lo, hi): logits of those ids only, with VocabMoments
+
     @torch.inference_mode()
-    def __call__(self, ids: Tensor, start: int, pad_lens: Tensor, cache, num_logits: int) -> Tensor:
+    def __call__(self, ids: Tensor, start: int, pad_lens: Tensor, cache, num_logits: int,
+                 vocab: tuple[int, int] | None = None):
+        """The window's logits, or with ``vocab`` = (lo, hi) (a cached window) the logits of ids
+        [lo, hi) only and their full-vocabulary ``VocabMoments``: (logits, moments). A T2I canvas
+        may hold only image codes (16384 of 173568 ids), so its LM head shrinks ~10x; cfg_rescale's
+        stds over every id come from the moments (the LM head's Gram matrix, ``lm_head_moments``)."""
         if cache is None:  # uncached windows: the clear path
+            if vocab is not None:
+                raise ValueError("vocab slices need a cache (the fast path's cached step)")
             end = start + ids.shape[1]
             return self.model(ids, rope_positions(start, end, pad_lens),
                               block_causal_mask(start, end, pad_lens, self.block_length),
@@ -536,42 +568,56 @@ class FastBackboneLogits:
             cache = view  # the step reads and writes .k / .v: the view's buffers
         else:
             ids, positions, write_index, key_ok, kv_lim = self._inputs(ids, start, pad_lens, cache)
+        if vocab is not None:
+            vocab = (int(vocab[0]), int(vocab[1]))
+            self.step.lm_head_moments()  # made once, outside any graph capture
         # A graph is tied to the K/V buffers it was captured on (a cache's, or its SPRINT view's).
-        key = (ids.shape[0], ids.shape[1], num_logits, id(cache.k))
+        key = (ids.shape[0], ids.shape[1], num_logits, id(cache.k), vocab)
         if not self.graphs or ids.shape[1] not in self.GRAPH_WINDOWS:
-            return self.step(ids, positions, write_index, key_ok, kv_lim, cache, num_logits, fp32=False)[:rows]
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._capture(key, ids, positions, write_index, key_ok, kv_lim, cache, num_logits)
-        static = graph["inputs"]
-        for name, value in (("ids", ids), ("positions", positions), ("write_index", write_index),
-                            ("key_ok", key_ok), ("kv_lim", kv_lim)):
-            static[name].copy_(value)
-        graph["graph"].replay()
-        # The logits stay in the model's dtype (the sampler computes in fp32; an fp32 copy of 64 x 32 x
-        # 173568 logits would be 1.4 GB a step) and are the graph's own buffer: valid until the next call.
-        return graph["out"][:rows]
+            out = self.step(ids, positions, write_index, key_ok, kv_lim, cache, num_logits, fp32=False, vocab=vocab)
+        else:
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._capture(key, ids, positions, write_index, key_ok, kv_lim, cache, num_logits, vocab)
+            static = graph["inputs"]
+            for name, value in (("ids", ids), ("positions", positions), ("write_index", write_index),
+                                ("key_ok", key_ok), ("kv_lim", kv_lim)):
+                static[name].copy_(value)
+            graph["graph"].replay()
+            # The logits stay in the model's dtype (the sampler computes in fp32; an fp32 copy of 64 x
+            # 32 x 173568 logits would be 1.4 GB a step) and are the graph's own buffer: valid until
+            # the next call.
+            out = graph["out"]
+        if vocab is None:
+            return out[:rows]
+        logits, sums, cross = out
+        return logits[:rows], VocabMoments(sums[:rows], cross[:, :rows, :rows], self.model.config.vocab_size)
 
-    def warm_up(self, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32), lengths: tuple[int, ...] = (2048,)) -> dict:
+    def warm_up(self, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32), lengths: tuple[int, ...] = (2048,),
+                image_lengths: tuple[int, ...] = ()) -> dict:
         """Compile and capture, now, the steps a generation replays (first-of-block and steady windows)
-        for these row buckets and cache lengths, and one prefill-length window (compiled, eager); a
-        server pays this once at start. The pool grows to hold every warmed cache, so none of their
-        graphs is evicted. Returns what was done: seconds, graphs, compiled graphs, caches."""
+        for these row buckets and cache lengths, and one prefill-length window (compiled, eager); at
+        ``image_lengths`` also the image canvas's steps (logits of the image ids only); a server pays
+        this once at start. The pool grows to hold every warmed cache, so none of their graphs is
+        evicted. Returns what was done: seconds, graphs, compiled graphs, caches."""
         import time
         t = time.perf_counter()
-        keys = {(self.row_bucket(r), self.length_bucket(n)) for r in rows for n in lengths}
+        keys = {(self.row_bucket(r), self.length_bucket(n)) for r in rows for n in (*lengths, *image_lengths)}
+        image_keys = {(self.row_bucket(r), self.length_bucket(n)) for r in rows for n in image_lengths}
+        text_keys = {(self.row_bucket(r), self.length_bucket(n)) for r in rows for n in lengths}
         self.POOL = max(self.POOL, len(keys) + 2)  # + room for the odd other size
         device = self.model.device
+        cfg = self.model.config
+        image = (cfg.image_token_offset, cfg.vocab_size)
         for r, n in sorted(keys):
             cache = self.new_cache(r, n)
             ids = torch.zeros(r, self.GRAPH_WINDOWS[-1], dtype=torch.long, device=device)
             pads = torch.zeros(r, dtype=torch.long, device=device)
-            for window in self.GRAPH_WINDOWS:
-                self(ids[:, :window], 0, pads, cache, self.block_length)
+            for vocab in ([None] if (r, n) in text_keys else []) + ([image] if (r, n) in image_keys else []):
+                for window in self.GRAPH_WINDOWS:
+                    self(ids[:, :window], 0, pads, cache, self.block_length, vocab=vocab)
             self(ids[:, :48], 0, pads, cache, self.block_length)  # a prefill-length window
         if self.greedy_pick is not None:  # the batched greedy choice of each guidance kind
-            cfg = self.model.config
-            image = (cfg.image_token_offset, cfg.vocab_size)
             for guidance, vocab in ((Guidance(), None), (Guidance("simple", scale=4.0, rescale=0.7), image),
                                     (Guidance("edit", text_scale=4.0, rescale=0.7), image)):
                 # laid out as the sampler hands a run over (two requests' rows in a row, viewed as
@@ -585,7 +631,7 @@ class FastBackboneLogits:
         return {"seconds": round(time.perf_counter() - t, 2), "graphs": len(self._graphs),
                 "compiled": self.step.compiles, "caches": sorted(keys)}
 
-    def _capture(self, key, ids, positions, write_index, key_ok, kv_lim, cache, num_logits) -> dict:
+    def _capture(self, key, ids, positions, write_index, key_ok, kv_lim, cache, num_logits, vocab=None) -> dict:
         # A graph is tied to one cache's buffers (baked in); the graphs of a cache leave with it when
         # the pool evicts it. All graphs share one memory pool: they never run concurrently, and each
         # one's output stays allocated (held here), so no capture can reuse another's output.
@@ -596,14 +642,14 @@ class FastBackboneLogits:
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: compilation, allocator and library handles, outside the graph
                 self.step(*(inputs[n] for n in ("ids", "positions", "write_index", "key_ok", "kv_lim")), cache,
-                          num_logits, fp32=False)
+                          num_logits, fp32=False, vocab=vocab)
         torch.cuda.current_stream().wait_stream(stream)
         if getattr(self, "_mempool", None) is None:
             self._mempool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._mempool):
             out = self.step(*(inputs[n] for n in ("ids", "positions", "write_index", "key_ok", "kv_lim")), cache,
-                            num_logits, fp32=False)
+                            num_logits, fp32=False, vocab=vocab)
         entry = {"graph": graph, "inputs": inputs, "out": out}
         self._graphs[key] = entry
         return entry
@@ -646,12 +692,13 @@ def warm_up(pipe, *, max_rows: int = 64, size: tuple[int, int] | None = (1024, 1
     t = time.perf_counter()
     rows = tuple(1 << i for i in range(FastBackboneLogits.row_bucket(max_rows).bit_length()))
     lengths = [text_tokens + 256]  # a chat prompt and its answer
+    image_lengths = []
     grid = None
     if size is not None:
         grid = (size[0] // 32, size[1] // 32)  # 16 px per code, x2 by the decoder
         header = len(pipe.tokens.t2i_prompts("warm up", *grid)[0])
-        lengths.append(header + grid[0] * grid[1] + 2 * fn.block_length)
-    report = {"backbone": fn.warm_up(rows, tuple(lengths))}
+        image_lengths.append(header + grid[0] * grid[1] + 2 * fn.block_length)
+    report = {"backbone": fn.warm_up(rows, tuple(lengths), tuple(image_lengths))}
     if grid is not None and getattr(pipe, "compile_decoder", False):
         try:
             decoder = pipe.image_decoder

@@ -224,7 +224,7 @@ def test_warm_up_fills_the_pool_that_generations_then_reuse(tiny_dir):
     assert [fast.length_bucket(n) for n in (1, 512, 513, 1500, 2049)] == [512, 512, 1024, 2048, 4096]
     picks = []
     fast.greedy_pick = lambda guidance, rows, vocab: picks.append((guidance.kind, rows.shape[:2], vocab))
-    report = fast.warm_up(rows=(1, 2, 3, 8), lengths=(300, 1500))
+    report = fast.warm_up(rows=(1, 2, 3, 8), lengths=(300, 1500), image_lengths=(300,))
     image = (pipe.image_token_offset, pipe.config.vocab_size)
     # the batched greedy choice of each guidance kind is compiled too
     assert picks == [("none", (1, 2), None), ("simple", (2, 2), image), ("edit", (2, 2), image)]
@@ -408,6 +408,51 @@ def test_a_warmed_fused_pick_does_not_recompile_for_larger_runs(tiny_model):
         fast.greedy_pick(Guidance(), torch.randn(g, 32, v).view(g, 1, 32, v).transpose(0, 1), None)
     assert {k: p.compiles for k, p in fast.greedy_pick.parts.items()} == before
     assert not any(p.failed for p in fast.greedy_pick.parts.values())
+    for m in tiny_model.modules():
+        if hasattr(m, "dispatch"):
+            from llada2uni.ops.moe import experts_reference
+            m.dispatch = experts_reference
+
+
+def test_vocab_slice_step_returns_the_full_vocab_moments(tiny_model):
+    """The fast path's image-canvas step: logits of ids [lo, hi) only, and moments (from the LM head's
+    Gram matrix) equal to those of the full logits; the sampler asks for it and decodes the same."""
+    from llada2uni.sampling.block import DenoiseRequest, generate
+    from llada2uni.sampling.guidance import Guidance
+    from llada2uni.sampling.unmask import row_moments
+    g = torch.Generator().manual_seed(1)
+    cfg = tiny_model.config
+    ids = torch.randint(0, cfg.vocab_size, (3, 96), generator=g)
+    pads = torch.tensor([0, 4, 9])
+    lo, hi = cfg.image_token_offset, cfg.vocab_size
+    fast = FastBackboneLogits(tiny_model, eager=True)
+    full = _window_logits(fast, ids, pads, [(0, 64), (64, 96)])[-1]
+    cache = fast.new_cache(3, 128)
+    fast(ids[:, :64], 0, pads, cache, 32)
+    part, moments = fast(ids[:, 64:96], 64, pads, cache, 32, vocab=(lo, hi))
+    torch.testing.assert_close(part, full[..., lo:hi], rtol=1e-4, atol=1e-4)
+    ref = row_moments(full)
+    torch.testing.assert_close(moments.sums, ref.sums, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(moments.cross, ref.cross, rtol=1e-4, atol=1e-2)
+    assert moments.vocab_size == cfg.vocab_size
+    with pytest.raises(ValueError, match="need a cache"):
+        fast(ids[:, :32], 0, pads, None, 32, vocab=(lo, hi))
+    # the loop slices when every request is a greedy image canvas, and decodes as the full logits do
+    mask = cfg.mask_token_id
+    reqs = [DenoiseRequest(rows=[[5, 6, 7 + i], [mask, 8, 9]], pad_lens=[0, 1], gen_length=40, steps=4,
+                           guidance=Guidance("simple", scale=3.0, rescale=0.7), vocab=(lo, hi)) for i in range(2)]
+    calls = []
+    inner = fast.__call__
+
+    class Spy:
+        vocab_slices, new_cache, extend_cache = True, fast.new_cache, fast.extend_cache
+
+        def __call__(self, *a, **kw):
+            calls.append(kw.get("vocab"))
+            return inner(*a, **kw)
+    sliced = generate(Spy(), reqs, mask_id=mask).tokens
+    assert calls and all(c == (lo, hi) for c in calls)
+    assert sliced == generate(BackboneLogits(tiny_model), reqs, mask_id=mask).tokens
     for m in tiny_model.modules():
         if hasattr(m, "dispatch"):
             from llada2uni.ops.moe import experts_reference

@@ -432,3 +432,28 @@ def test_greedy_requests_of_one_kind_step_together_and_decode_as_alone(monkeypat
     alone = [generate(MockModel(), [r], mask_id=MASK, block_length=B).tokens[0] for r in reqs]
     assert out.tokens == alone
     assert len({tuple(t) for t in alone}) == len(reqs)  # distinct: rows cannot be swapped unnoticed
+
+
+def test_greedy_pick_over_a_vocab_slice_with_moments_equals_the_full_pick():
+    """An image canvas's logits held over the image ids only, with the full vocabulary's moments:
+    the same picks and confidences as the full logits (cfg_rescale's stds are over every id)."""
+    from llada2uni.sampling.unmask import greedy_pick, row_moments
+    g = torch.Generator().manual_seed(0)
+    v, lo, hi = 500, 300, 500
+    for guidance in [Guidance(), Guidance("simple", scale=4.0, rescale=0.7), Guidance("simple", scale=4.0),
+                     Guidance("edit", text_scale=7.5, image_scale=1.5, rescale=0.7),
+                     Guidance("edit", text_scale=5.0, rescale=0.7)]:
+        n, runs = guidance.num_rows, 3
+        logits = torch.randn(1 + n * runs, 32, v, generator=g) * 3 + 1.5  # row 0: another request's
+        moments = row_moments(logits).select(1, n, runs)
+        rows = logits[1:].view(runs, n, 32, v).transpose(0, 1)
+        pred, conf = greedy_pick(guidance, rows, (lo, hi))
+        spred, sconf = greedy_pick(guidance, rows[..., lo:hi], (lo, hi), moments)
+        assert torch.equal(pred, spred), guidance
+        torch.testing.assert_close(sconf, conf, rtol=1e-5, atol=1e-6)
+    # the moments' std is torch's unbiased std of the weighted rows
+    logits = torch.randn(10, 32, v, generator=g) * 2 - 4.0
+    m = row_moments(logits).select(1, 3, 3)
+    w = torch.tensor([7.5, -5.0, -1.5])
+    ref = (w[:, None, None, None] * logits[1:].view(3, 3, 32, v).transpose(0, 1)).sum(0).std(-1)
+    torch.testing.assert_close(m.std(w), ref, rtol=1e-4, atol=1e-4)

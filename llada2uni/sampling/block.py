@@ -18,7 +18,8 @@ from torch import FloatTensor, LongTensor
 from .guidance import Guidance, combine
 from .schedules import tokens_per_step
 from .sprint import PruneStats, Sprint, adaptive_k, keep_counts, keep_mask, max_prob, pins, supports
-from .unmask import greedy_pick, restrict_vocab, sample_tokens, select_transfer, sprint_sample, sprint_scores
+from .unmask import (VocabMoments, greedy_pick, restrict_vocab, sample_tokens, select_transfer, sprint_sample,
+                     sprint_scores)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ class LogitsFn(Protocol):
         Returns logits [R, num_logits, V] of the LAST num_logits window positions, fp32 or the model's
         dtype (the loop computes in fp32), valid until the next call (a fast path may reuse its buffer).
         Optional attribute greedy_pick: a fused ``unmask.greedy_pick`` for the greedy steps.
+        Optional attribute vocab_slices = True: it takes vocab=(lo, hi) and returns (logits of those
+        ids [R, num_logits, hi - lo], ``unmask.VocabMoments``); the loop asks for it when every
+        request in the forward is greedy over that slice (image canvases).
 
         Optional method new_cache(rows, max_len) -> cache; without it the loop runs uncached.
         Optional attribute sprint_views = True: its cache is a ``sprint.PrunableCache`` and its
@@ -157,14 +161,18 @@ def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], sc
 
 def _greedy_step(run: list[int], requests: list[DenoiseRequest], logits: torch.Tensor, offset: dict,
                  first: list[int], todo: torch.Tensor, x: torch.Tensor, lo: int, hi: int, k: int,
-                 pick=greedy_pick) -> None:
+                 pick=greedy_pick, moments: VocabMoments | None = None) -> None:
     """One denoising step of greedy requests of one kind at once: the per-request step (guidance,
     vocabulary, argmax and confidence, the k most confident) over a [G, ...] batch of them; the same
     ops row by row, so the same tokens. ``pick``: ``greedy_pick`` or a fused equivalent."""
     req = requests[run[0]]
     nrows = len(req.rows)
     g_rows = logits[offset[run[0]]:offset[run[0]] + nrows * len(run)]  # adjacent: a view
-    pred, conf = pick(req.guidance, g_rows.view(len(run), nrows, *g_rows.shape[1:]).transpose(0, 1), req.vocab)
+    rows = g_rows.view(len(run), nrows, *g_rows.shape[1:]).transpose(0, 1)
+    if moments is None:
+        pred, conf = pick(req.guidance, rows, req.vocab)
+    else:  # logits of the vocabulary slice only, with the full vocabulary's moments
+        pred, conf = pick(req.guidance, rows, req.vocab, moments.select(offset[run[0]], nrows, len(run)))
     idx = torch.tensor(run, dtype=torch.long, device=todo.device)
     commit = select_transfer(conf, todo[idx, lo:hi], k, req.threshold)  # [G, B]
     todo[idx, lo:hi] &= ~commit
@@ -310,6 +318,13 @@ def generate(
             row_idx += range(first[r], first[r] + len(requests[r].rows))
         every_row = len(row_idx) == n
         row_index = None if every_row else torch.tensor(row_idx, dtype=torch.long, device=device)
+        # Every request in the forward greedy over one vocabulary slice (image canvases): a logits_fn
+        # that can may compute only those logits, with the full vocabulary's moments for cfg_rescale.
+        slice_vocab = None
+        if sprint is None and cache is not None and getattr(logits_fn, "vocab_slices", False):
+            kinds = {(requests[r].vocab, requests[r].temperature <= 0) for r in live}
+            if len(kinds) == 1 and next(iter(kinds))[0] is not None and next(iter(kinds))[1]:
+                slice_vocab = next(iter(kinds))[0]
         step = 0
         touched = [False] * len(requests)
         pruned_view = False  # SPRINT: the block's queries see the kept prefix keys only
@@ -329,7 +344,11 @@ def generate(
                 ids_in, pads_in = x[:, start:hi], pad_lens
             else:
                 ids_in, pads_in = x[row_index, start:hi], pad_lens[row_index]
-            logits = logits_fn(ids_in, start, pads_in, cache, num_logits)  # [R, num_logits, V]
+            moments = None
+            if slice_vocab is None:
+                logits = logits_fn(ids_in, start, pads_in, cache, num_logits)  # [R, num_logits, V]
+            else:  # [R, num_logits, hi - lo] and VocabMoments
+                logits, moments = logits_fn(ids_in, start, pads_in, cache, num_logits, vocab=slice_vocab)
             forwards += 1
             row_forwards += ids_in.shape[0]
             if num_logits > B:
@@ -341,7 +360,7 @@ def generate(
                 if len(run) > 1 or (sprint is None and requests[run[0]].temperature <= 0):
                     # greedy requests of one kind: their steps as one batched step
                     _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, scheds[run[0]][step],
-                                 pick)
+                                 pick, moments)
                     for r in run:
                         touched[r] = True
                     continue

@@ -50,11 +50,30 @@ def cfg_edit(c: Tensor, u: Tensor, n: Tensor, text_scale: float, image_scale: fl
     return u + text_scale * (c - u) + image_scale * (u - n)
 
 
-def cfg_rescale(g: Tensor, c: Tensor, r: float) -> Tensor:
+def cfg_rescale(g: Tensor, c: Tensor | None, r: float, std_c: Tensor | None = None,
+                std_g: Tensor | None = None) -> Tensor:
     """Match g's per-position spread over the vocabulary to c's (unbiased std), blended by r.
-    Must run before any vocabulary restriction: the std is over all logits (spec 5.5)."""
-    g_r = g * (c.std(dim=-1, keepdim=True) / (g.std(dim=-1, keepdim=True) + 1e-6))
+    Must run before any vocabulary restriction: the std is over all logits (spec 5.5). ``std_c`` /
+    ``std_g`` [..., 1], when given, are those full-vocabulary stds computed elsewhere (from
+    ``unmask.VocabMoments``, when g and c hold only a slice of the vocabulary)."""
+    if std_c is None:
+        std_c = c.std(dim=-1, keepdim=True)
+    if std_g is None:
+        std_g = g.std(dim=-1, keepdim=True)
+    g_r = g * (std_c / (std_g + 1e-6))
     return r * g_r + (1.0 - r) * g
+
+
+def row_weights(guidance: Guidance) -> list[float]:
+    """g as a weighted sum of the request's rows, g = sum_i w_i rows_i (the formulas above expanded):
+    the weights that carry g's full-vocabulary moments over from the rows' (``unmask.VocabMoments``)."""
+    if guidance.kind == "none":
+        return [1.0]
+    if guidance.kind == "simple":
+        return [guidance.scale, 1.0 - guidance.scale]
+    if guidance.num_rows == 3:
+        return [guidance.text_scale, 1.0 - guidance.text_scale + guidance.image_scale, -guidance.image_scale]
+    return [guidance.text_scale, 1.0 - guidance.text_scale]
 
 
 def combine(guidance: Guidance, rows: Tensor) -> Tensor:

@@ -8,7 +8,9 @@ import math
 import torch
 from torch import Tensor
 
-from .guidance import Guidance, combine
+from dataclasses import dataclass
+
+from .guidance import Guidance, cfg_edit, cfg_rescale, cfg_simple, combine, row_weights
 
 
 def restrict_vocab(logits: Tensor, lo: int, hi: int) -> Tensor:
@@ -61,14 +63,81 @@ def sample_tokens(
     return pred, probs.gather(-1, pred[:, None])[:, 0]
 
 
-def greedy_pick(guidance: Guidance, rows: Tensor, vocab: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+@dataclass
+class VocabMoments:
+    """Full-vocabulary moments of logits that are held only over a slice of the vocabulary: per row
+    and position the sum over all V logits, and per position the sums of products of every two rows'
+    logits. cfg_rescale's stds (over all V ids, spec 5.5) follow for any weighted sum of rows, so a
+    step whose canvas may hold only image codes needs the LM head over those alone.
+
+    sums [R, T] fp32, cross [T, R, R] fp32 (row-major over the forward's rows), vocab_size V.
+    """
+
+    sums: Tensor
+    cross: Tensor
+    vocab_size: int
+
+    def select(self, first: int, nrows: int, count: int) -> "VocabMoments":
+        """The moments of ``count`` adjacent requests of ``nrows`` rows from row ``first``, laid out as
+        a run of them is handed to ``greedy_pick``: sums [nrows, count, T], cross [count, T, nrows, nrows]."""
+        t = self.sums.shape[-1]
+        sums = self.sums[first:first + nrows * count].view(count, nrows, t).transpose(0, 1)
+        idx = first + torch.arange(count, device=self.sums.device)[:, None] * nrows + \
+            torch.arange(nrows, device=self.sums.device)[None, :]  # [count, nrows]
+        cross = self.cross[:, idx[:, :, None], idx[:, None, :]].permute(1, 0, 2, 3)  # [count, T, n, n]
+        return VocabMoments(sums, cross, self.vocab_size)
+
+    def std(self, weights: Tensor) -> Tensor:
+        """Unbiased std over the V logits of sum_i weights[i] * row_i, per position [...]."""
+        w = weights.to(self.sums)
+        s = (w.view(-1, *[1] * (self.sums.dim() - 1)) * self.sums).sum(0)
+        q = torch.einsum("...ij,i,j->...", self.cross, w, w)
+        v = self.vocab_size
+        return ((q - s * s / v) / (v - 1)).clamp_min(0).sqrt()
+
+
+def row_moments(logits: Tensor) -> VocabMoments:
+    """``VocabMoments`` of full logits [R, T, V] (the reference the fast path's are tested against)."""
+    x = logits.float()
+    return VocabMoments(x.sum(-1), torch.einsum("itv,jtv->tij", x, x), x.shape[-1])
+
+
+def greedy_pick(guidance: Guidance, rows: Tensor, vocab: tuple[int, int] | None,
+                moments: VocabMoments | None = None) -> tuple[Tensor, Tensor]:
     """A greedy step's choice from a request's CFG rows: rows [R, ..., V] (row 0 conditional) -> (pred
     [...] long, conf [...] fp32) of the guided (and rescaled) logits restricted to ``vocab`` (spec
-    5.3-5.5). The reference of the fast path's fused version (``runtime.fused_greedy_pick``)."""
-    g = combine(guidance, rows)
-    if vocab is not None:
-        g = restrict_vocab(g, *vocab)
-    return sample_tokens(g)
+    5.3-5.5). The reference of the fast path's fused version (``runtime.FusedGreedyPick``).
+
+    With ``moments`` (this request's, ``VocabMoments.select``), rows hold the logits of the ids in
+    ``vocab`` only, and the rescale's full-vocabulary stds come from the moments."""
+    if moments is None:
+        g = combine(guidance, rows)
+        if vocab is not None:
+            g = restrict_vocab(g, *vocab)
+        return sample_tokens(g)
+    if rows.shape[0] < guidance.num_rows:
+        raise ValueError(f"guidance {guidance.kind!r} needs {guidance.num_rows} rows, got {rows.shape[0]}")
+    rows = rows.float()
+    c = rows[0]
+    if guidance.kind == "none":
+        g = c
+    else:
+        if guidance.kind == "simple":
+            g = cfg_simple(c, rows[1], guidance.scale)
+        elif guidance.num_rows == 3:
+            g = cfg_edit(c, rows[1], rows[2], guidance.text_scale, guidance.image_scale)
+        else:
+            g = cfg_simple(c, rows[1], guidance.text_scale)
+        if guidance.rescale > 0:
+            n = moments.sums.shape[0]  # the request's rows (guidance may use the first few)
+            own, mix = torch.zeros(n), torch.zeros(n)
+            own[0] = 1.0
+            weights = row_weights(guidance)
+            mix[:len(weights)] = torch.tensor(weights)
+            g = cfg_rescale(g, None, guidance.rescale, std_c=moments.std(own)[..., None],
+                            std_g=moments.std(mix)[..., None])
+    pred, conf = sample_tokens(g)
+    return pred + vocab[0], conf
 
 
 def sprint_sample(
