@@ -7,10 +7,10 @@ For each task (chat: 128 tokens in 32 steps a block; T2I 512 px: 256 codes in 8 
 with rescale 0.7, the image vocabulary) and request count, one ``generate`` over all requests at once
 (no admission), each variant after one untimed run of the same shapes (captures, compiles):
 
-* ``sliced`` (T2I): the pipeline's path: the image canvas's step computes the logits of the image
+* ``sliced`` (T2I): ``vocab_slices=True``: the image canvas's step computes the logits of the image
   ids only, with the full vocabulary's moments for cfg_rescale (``VocabMoments``);
-* ``fused``: full-vocabulary logits, ``FastBackboneLogits(compile=True)``'s ``greedy_pick`` (the
-  compiled guidance + restriction + argmax/confidence); for chat this is the pipeline's path;
+* ``fused``: the pipeline's path: full-vocabulary logits, ``FastBackboneLogits(compile=True)``'s
+  ``greedy_pick`` (the compiled guidance + restriction + argmax/confidence);
 * ``reference``: full-vocabulary logits, the sampler's reference ``greedy_pick`` (eager fp32 chain).
 
 Reported: wall time, forwards, ms per forward, requests/s, and the GPU time inside the forwards
@@ -43,10 +43,10 @@ class Timed:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        out = self.inner(*args)
+        out = self.inner(*args, **kwargs)
         b.record()
         self.events.append((a, b))
         return out
@@ -116,7 +116,7 @@ def main():
                 print(row, flush=True)
     pipe.logits_fn = fast
     fast.greedy_pick = fused_pick
-    del fast.vocab_slices  # back to the class default
+    fast.vocab_slices = False  # the default
     card = torch.cuda.get_device_name(dev)
     print(f"\ncard: {card}")
     print(f"{'task':5s} {'reqs':>4s} {'variant':>9s} {'wall s':>7s} {'fwds':>5s} {'ms/fwd':>7s} {'in fwd':>7s} "

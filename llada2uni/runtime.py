@@ -414,8 +414,12 @@ class FastBackboneLogits:
     sprint_views = True  # SPRINT's pruned steps run here too (``PooledCache.set_view``)
 
     def __init__(self, model: LLaDA2MoeForLM, block_length: int = 32, *, eager: bool = False,
-                 compile: bool = False, moe: str = "auto", attention: str = "auto") -> None:
+                 compile: bool = False, moe: str = "auto", attention: str = "auto",
+                 vocab_slices: bool = False) -> None:
         self.model = model
+        # vocab_slices: the sampler may ask an image canvas's step for the image ids' logits alone
+        # (``__call__``'s vocab); off by default until its speed is measured (benchmarks/RESULTS.md)
+        self.vocab_slices = vocab_slices
         self.block_length = block_length
         self.moe = use_fast_moe(model, moe)  # the dispatch in use; None: the reference (syncs)
         self.grouped = self.moe is not None
@@ -541,7 +545,6 @@ class FastBackboneLogits:
         write_index = torch.arange(view.kept, view.kept + t, device=ids.device)
         return (*self._pad_rows(ids, positions, cache.rows), write_index, view.visible, kv_lim)
 
-    vocab_slices = True  # accepts vocab=(lo, hi): logits of those ids only, with VocabMoments
 
     @torch.inference_mode()
     def __call__(self, ids: Tensor, start: int, pad_lens: Tensor, cache, num_logits: int,
@@ -613,7 +616,8 @@ class FastBackboneLogits:
             cache = self.new_cache(r, n)
             ids = torch.zeros(r, self.GRAPH_WINDOWS[-1], dtype=torch.long, device=device)
             pads = torch.zeros(r, dtype=torch.long, device=device)
-            for vocab in ([None] if (r, n) in text_keys else []) + ([image] if (r, n) in image_keys else []):
+            image_steps = [image] if (r, n) in image_keys and self.vocab_slices else []
+            for vocab in ([None] if (r, n) in text_keys or not image_steps else []) + image_steps:
                 for window in self.GRAPH_WINDOWS:
                     self(ids[:, :window], 0, pads, cache, self.block_length, vocab=vocab)
             self(ids[:, :48], 0, pads, cache, self.block_length)  # a prefill-length window
