@@ -55,6 +55,13 @@ def test_cuda_graph_tokens_equal_eager_tokens(tiny_dir):
     assert pipe.logits_fn.graphs
     graphed = pipe.generate_image(["a red cube", "two cats"], 128, 128, steps=4, cfg_scale=3.0)
     assert graphed == eager
+    # the image ids' logits alone (with the vocabulary's moments), graphed and eager
+    accelerate(pipe, eager=True)
+    pipe.logits_fn.vocab_slices = True
+    eager = pipe.generate_image(["a red cube", "two cats"], 128, 128, steps=4, cfg_scale=3.0)
+    accelerate(pipe, eager=False, compile_step=False)
+    pipe.logits_fn.vocab_slices = True
+    assert pipe.generate_image(["a red cube", "two cats"], 128, 128, steps=4, cfg_scale=3.0) == eager
 
 
 @pytest.mark.gpu
