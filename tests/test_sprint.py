@@ -143,6 +143,20 @@ def test_keep_mask_official_importance():
         assert set(kept[r, 3:].nonzero().flatten().add(3).tolist()) == set(rest.tolist())
 
 
+def test_keep_mask_of_every_layer_at_once_is_each_layers():
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(5, 3, 2, 20, 8, generator=g)  # [layers, R, Hkv, L, D]
+    conf = torch.rand(3, 20, generator=g)
+    keep = torch.tensor([6, 9, 20])
+    for pin in (torch.zeros(3, 20, dtype=torch.bool), torch.rand(3, 20, generator=g) < 0.2):
+        for alpha in (0.5, 1.0):
+            both = keep_mask(keys, conf, pin, keep, alpha)
+            assert both.shape == (5, 3, 20)
+            for layer in range(5):
+                assert torch.equal(both[layer], keep_mask(keys[layer], conf, pin, keep, alpha))
+            assert torch.equal(both.sum(-1), keep.expand(5, 3))
+
+
 def test_max_prob_and_scores():
     logits = torch.randn(3, 9, generator=torch.Generator().manual_seed(2))
     p = torch.softmax(logits, -1)

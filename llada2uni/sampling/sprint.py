@@ -148,8 +148,10 @@ def keep_counts(prefix_len: int, pinned: Tensor, keep_ratio: float) -> Tensor:
 
 def keep_mask(keys: Tensor, conf: Tensor, pin: Tensor, keep: Tensor, alpha: float) -> Tensor:
     """The kept prefix keys of one layer: keys [R, Hkv, L, D], conf [R, L] fp32, pin [R, L] bool,
-    keep [R] counts -> [R, L] bool. The official importance, NaN quirk included (module docstring)."""
-    score = keys.float().norm(dim=-1).mean(dim=1)  # [R, L]
+    keep [R] counts -> [R, L] bool. The official importance, NaN quirk included (module docstring).
+    Leading dims of keys (every layer at once: [layers, R, Hkv, L, D] -> [layers, R, L]) run the same
+    selection per layer, in one launch per op instead of one per layer."""
+    score = keys.float().norm(dim=-1).mean(dim=-2)  # [..., R, L]
     score = score.masked_fill(pin, float("inf"))
     if alpha < 1.0:
         mean = score.mean(dim=-1, keepdim=True).clamp_min(1e-6)  # +inf as soon as one key is pinned
