@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install the carried wheels, run the GPU tests, then the named benchmarks,
 # each under its own time limit, every log under $OUT. Usage (from the repository root, on the GPU
-# machine, with .whl carried):  bash benchmarks/gpu_session.sh [tests] [load] [sprint] [backbone] [e2e] [moe] [attention] [profile] [batch]
+# machine, with .whl carried):  bash benchmarks/gpu_session.sh [tests] [load] [sprint] [backbone] [e2e] [moe] [attention] [profile] [batch] [sprint_profile]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -22,6 +22,8 @@ for what in "$@"; do
           2>&1 | tee "$OUT/load_test.log" | tail -14 ;;
     batch)  # a batch through the sampler: the fused greedy pick vs the reference, forward vs other time
       timeout 240 python3 benchmarks/bench_batch.py --requests 1,32 2>&1 | tee "$OUT/bench_batch.log" | tail -10 ;;
+    sprint_profile)  # torch.profiler over one T2I generate: baseline vs SPRINT (per-forward overhead)
+      timeout 200 python3 benchmarks/profile_sprint.py --device cuda --full 2>&1 | tee "$OUT/profile_sprint.log" | tail -4 ;;
     attention)
       timeout 240 python3 benchmarks/bench_attention.py --sweep 2>&1 | tee "$OUT/bench_attention.log" | tail -9 ;;
     moe)
