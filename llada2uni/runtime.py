@@ -27,7 +27,7 @@ from .ops.attention_triton import window_attention, window_attention_reference, 
 from .ops.moe import experts_grouped, experts_reference, grouped_supported, route
 from .ops.moe_triton import route_supported, route_triton
 from .sampling.guidance import Guidance, cfg_edit, cfg_rescale, cfg_simple
-from .sampling.unmask import VocabMoments, greedy_pick
+from .sampling.unmask import VocabMoments, greedy_pick, rescale_stds
 
 log = logging.getLogger(__name__)
 
@@ -250,18 +250,19 @@ def _pick_none(rows, lo, hi):
     return _pick(rows[0].float(), lo, hi)
 
 
-def _pick_simple(rows, scale, rescale, lo, hi, do_rescale: bool):
+def _pick_simple(rows, scale, rescale, lo, hi, do_rescale: bool, stds=None):
+    # stds: (std_c, std_g) of the full vocabulary when rows hold a slice of it (VocabMoments)
     rows = rows.float()
     g = cfg_simple(rows[0], rows[1], scale)
-    return _pick(cfg_rescale(g, rows[0], rescale) if do_rescale else g, lo, hi)
+    return _pick(cfg_rescale(g, rows[0], rescale, *(stds or ())) if do_rescale else g, lo, hi)
 
 
-def _pick_edit(rows, text_scale, image_scale, rescale, lo, hi, do_rescale: bool):
+def _pick_edit(rows, text_scale, image_scale, rescale, lo, hi, do_rescale: bool, stds=None):
     rows = rows.float()
     c = rows[0]
     g = cfg_edit(c, rows[1], rows[2], text_scale, image_scale) if rows.shape[0] == 3 else \
         cfg_simple(c, rows[1], text_scale)
-    return _pick(cfg_rescale(g, c, rescale) if do_rescale else g, lo, hi)
+    return _pick(cfg_rescale(g, c, rescale, *(stds or ())) if do_rescale else g, lo, hi)
 
 
 class FusedGreedyPick:
@@ -289,29 +290,34 @@ class FusedGreedyPick:
 
     def __call__(self, guidance: Guidance, rows: Tensor, vocab: tuple[int, int] | None,
                  moments: VocabMoments | None = None):
-        if moments is not None:  # logits of the vocab slice only: ~10x fewer, the reference serves
-            return greedy_pick(guidance, rows, vocab, moments)
+        """With ``moments``, rows hold the logits of the ids in ``vocab`` only (``greedy_pick``)."""
         if rows.shape[0] < guidance.num_rows:
             raise ValueError(f"guidance {guidance.kind!r} needs {guidance.num_rows} rows, got {rows.shape[0]}")
-        squeeze = rows.dim() == 3
-        if squeeze:
-            rows = rows[:, None]
-        if rows.shape[1] < 2:
-            pred, conf = greedy_pick(guidance, rows, vocab)
-            return (pred[0], conf[0]) if squeeze else (pred, conf)
+        if rows.dim() == 3 or rows.shape[1] < 2:
+            return greedy_pick(guidance, rows, vocab, moments)
         dev = rows.device
-        lo, hi = vocab if vocab is not None else (0, rows.shape[-1])
-        lo, hi = self._const(int(lo), dev), self._const(int(hi), dev)
         rescale = guidance.rescale > 0
+        stds, offset = None, 0
+        if moments is not None:  # the slice is the whole choice; the rescale's stds from the moments
+            offset, (lo, hi) = vocab[0], (0, rows.shape[-1])
+            if guidance.kind != "none" and rescale:
+                stds = rescale_stds(guidance, moments)  # [G, B, 1] each: the run and block symbolic too
+                for t in stds:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
+        else:
+            lo, hi = vocab if vocab is not None else (0, rows.shape[-1])
+        lo, hi = self._const(int(lo), dev), self._const(int(hi), dev)
         r = self._const(float(guidance.rescale), dev)
         if guidance.kind == "none":
             pred, conf = self.parts["none"](rows[:1], lo, hi)
         elif guidance.kind == "simple":
-            pred, conf = self.parts["simple"](rows[:2], self._const(float(guidance.scale), dev), r, lo, hi, rescale)
+            pred, conf = self.parts["simple"](rows[:2], self._const(float(guidance.scale), dev), r, lo, hi, rescale,
+                                              stds)
         else:
             pred, conf = self.parts["edit"](rows[:guidance.num_rows], self._const(float(guidance.text_scale), dev),
-                                            self._const(float(guidance.image_scale), dev), r, lo, hi, rescale)
-        return (pred[0], conf[0]) if squeeze else (pred, conf)
+                                            self._const(float(guidance.image_scale), dev), r, lo, hi, rescale, stds)
+        return pred + offset, conf
 
 
 class StaticStep:

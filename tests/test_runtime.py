@@ -326,7 +326,7 @@ def _pick_cases(device, dtype, v=300):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_greedy_pick_equals_greedy_pick(dtype):
     from llada2uni.runtime import FusedGreedyPick
-    from llada2uni.sampling.unmask import greedy_pick
+    from llada2uni.sampling.unmask import greedy_pick, row_moments
     fused = FusedGreedyPick(backend="eager")  # the maths; the inductor build is checked on the GPU
     for guidance, rows, vocab in _pick_cases("cpu", dtype):
         pred, conf = greedy_pick(guidance, rows, vocab)
@@ -335,6 +335,15 @@ def test_fused_greedy_pick_equals_greedy_pick(dtype):
         torch.testing.assert_close(fconf, conf, rtol=1e-5, atol=1e-7)
         if vocab is not None:
             assert ((pred >= vocab[0]) & (pred < vocab[1])).all()
+            # the logits of the slice alone, with the full vocabulary's moments
+            flat = rows if rows.dim() == 3 else rows.transpose(0, 1).reshape(-1, *rows.shape[2:])
+            runs = 1 if rows.dim() == 3 else rows.shape[1]
+            moments = row_moments(flat).select(0, rows.shape[0], runs)
+            if rows.dim() == 3:  # one request: [R, B] sums, [B, R, R] cross
+                moments = type(moments)(moments.sums[:, 0], moments.cross[0], moments.vocab_size)
+            spred, sconf = fused(guidance, rows[..., vocab[0]:vocab[1]], vocab, moments)
+            assert torch.equal(spred, pred), (guidance, rows.shape)
+            torch.testing.assert_close(sconf, conf, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="needs 2 rows"):
         from llada2uni.sampling.guidance import Guidance
         fused(Guidance("simple", scale=2.0), torch.zeros(1, 4, 10), None)
@@ -401,8 +410,9 @@ def test_fused_pick_and_router_gemm_on_gpu():
 def test_a_warmed_fused_pick_does_not_recompile_for_larger_runs(tiny_model):
     """warm_up's picks (two requests) leave graphs that every later run of requests reuses: the
     same layout as the sampler's (a view of adjacent rows), the run length symbolic."""
-    from llada2uni.runtime import FusedGreedyPick
+    from llada2uni.runtime import FusedGreedyPick, reset_compiled
     from llada2uni.sampling.guidance import Guidance
+    reset_compiled()  # the parts are process-wide: other tests' layouts and dtypes are not this one's
     fast = FastBackboneLogits(tiny_model, eager=True)
     fast.greedy_pick = FusedGreedyPick(backend="eager")
     fast.warm_up(rows=(1,), lengths=(64,))

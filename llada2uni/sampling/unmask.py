@@ -96,6 +96,16 @@ class VocabMoments:
         return ((q - s * s / v) / (v - 1)).clamp_min(0).sqrt()
 
 
+def rescale_stds(guidance: Guidance, moments: VocabMoments) -> tuple[Tensor, Tensor]:
+    """cfg_rescale's full-vocabulary stds of c and of g, [..., 1] each, from a request's moments."""
+    n = moments.sums.shape[0]  # the request's rows (guidance may use the first few)
+    own, mix = torch.zeros(n), torch.zeros(n)
+    own[0] = 1.0
+    weights = row_weights(guidance)
+    mix[:len(weights)] = torch.tensor(weights)
+    return moments.std(own)[..., None], moments.std(mix)[..., None]
+
+
 def row_moments(logits: Tensor) -> VocabMoments:
     """``VocabMoments`` of full logits [R, T, V] (the reference the fast path's are tested against)."""
     x = logits.float()
@@ -129,13 +139,7 @@ def greedy_pick(guidance: Guidance, rows: Tensor, vocab: tuple[int, int] | None,
         else:
             g = cfg_simple(c, rows[1], guidance.text_scale)
         if guidance.rescale > 0:
-            n = moments.sums.shape[0]  # the request's rows (guidance may use the first few)
-            own, mix = torch.zeros(n), torch.zeros(n)
-            own[0] = 1.0
-            weights = row_weights(guidance)
-            mix[:len(weights)] = torch.tensor(weights)
-            g = cfg_rescale(g, None, guidance.rescale, std_c=moments.std(own)[..., None],
-                            std_g=moments.std(mix)[..., None])
+            g = cfg_rescale(g, None, guidance.rescale, *rescale_stds(guidance, moments))
     pred, conf = sample_tokens(g)
     return pred + vocab[0], conf
 
