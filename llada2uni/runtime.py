@@ -551,7 +551,6 @@ class FastBackboneLogits:
         write_index = torch.arange(view.kept, view.kept + t, device=ids.device)
         return (*self._pad_rows(ids, positions, cache.rows), write_index, view.visible, kv_lim)
 
-
     @torch.inference_mode()
     def __call__(self, ids: Tensor, start: int, pad_lens: Tensor, cache, num_logits: int,
                  vocab: tuple[int, int] | None = None):
@@ -636,6 +635,12 @@ class FastBackboneLogits:
                 flat = torch.zeros(2 * n, self.block_length, cfg.vocab_size, device=device,
                                    dtype=self.model.model.word_embeddings.weight.dtype)
                 self.greedy_pick(guidance, flat.view(2, n, *flat.shape[1:]).transpose(0, 1), vocab)
+                if vocab is not None and self.vocab_slices:  # and over the image ids alone
+                    part = flat[..., vocab[0]:vocab[1]]
+                    moments = VocabMoments(torch.zeros(2 * n, self.block_length, device=device),
+                                           torch.zeros(self.block_length, 2 * n, 2 * n, device=device),
+                                           cfg.vocab_size).select(0, n, 2)
+                    self.greedy_pick(guidance, part.view(2, n, *part.shape[1:]).transpose(0, 1), vocab, moments)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return {"seconds": round(time.perf_counter() - t, 2), "graphs": len(self._graphs),

@@ -230,11 +230,17 @@ def test_warm_up_fills_the_pool_that_generations_then_reuse(tiny_dir):
     fast = FastBackboneLogits(pipe.model, eager=True)
     assert [fast.length_bucket(n) for n in (1, 512, 513, 1500, 2049)] == [512, 512, 1024, 2048, 4096]
     picks = []
-    fast.greedy_pick = lambda guidance, rows, vocab: picks.append((guidance.kind, rows.shape[:2], vocab))
+    fast.greedy_pick = lambda guidance, rows, vocab, moments=None: picks.append(
+        (guidance.kind, rows.shape[:2], vocab, moments is not None))
     report = fast.warm_up(rows=(1, 2, 3, 8), lengths=(300, 1500), image_lengths=(300,))
     image = (pipe.image_token_offset, pipe.config.vocab_size)
     # the batched greedy choice of each guidance kind is compiled too
-    assert picks == [("none", (1, 2), None), ("simple", (2, 2), image), ("edit", (2, 2), image)]
+    assert picks == [("none", (1, 2), None, False), ("simple", (2, 2), image, False), ("edit", (2, 2), image, False)]
+    picks.clear()
+    fast.vocab_slices = True  # and over the image ids alone, with moments
+    fast.warm_up(rows=(1,), lengths=(), image_lengths=(300,))
+    assert ("simple", (2, 2), image, True) in picks and ("edit", (2, 2), image, True) in picks
+    fast.vocab_slices = False
     fast.greedy_pick = None
     keys = [(1, 512), (1, 2048), (2, 512), (2, 2048), (4, 512), (4, 2048), (8, 512), (8, 2048)]
     assert report["caches"] == keys and sorted(fast._pool) == keys
