@@ -578,6 +578,8 @@ class FastBackboneLogits:
             ids, positions, write_index, key_ok, kv_lim = self._inputs(ids, start, pad_lens, cache)
         if vocab is not None:
             vocab = (int(vocab[0]), int(vocab[1]))
+            if not 0 <= vocab[0] < vocab[1] <= self.model.config.vocab_size:
+                raise ValueError(f"vocab slice {vocab} is not a range of ids in [0, {self.model.config.vocab_size})")
             self.step.lm_head_moments()  # made once, outside any graph capture
         # A graph is tied to the K/V buffers it was captured on (a cache's, or its SPRINT view's).
         key = (ids.shape[0], ids.shape[1], num_logits, id(cache.k), vocab)

@@ -460,6 +460,8 @@ def test_vocab_slice_step_returns_the_full_vocab_moments(tiny_model):
     assert moments.vocab_size == cfg.vocab_size
     with pytest.raises(ValueError, match="need a cache"):
         fast(ids[:, :32], 0, pads, None, 32, vocab=(lo, hi))
+    with pytest.raises(ValueError, match="not a range of ids"):
+        fast(ids[:, 64:96], 64, pads, cache, 32, vocab=(lo, hi + 1))
     # the loop slices when every request is a greedy image canvas, and decodes as the full logits do
     mask = cfg.mask_token_id
     reqs = [DenoiseRequest(rows=[[5, 6, 7 + i], [mask, 8, 9]], pad_lens=[0, 1], gen_length=40, steps=4,
