@@ -457,3 +457,45 @@ def test_greedy_pick_over_a_vocab_slice_with_moments_equals_the_full_pick():
     w = torch.tensor([7.5, -5.0, -1.5])
     ref = (w[:, None, None, None] * logits[1:].view(3, 3, 32, v).transpose(0, 1)).sum(0).std(-1)
     torch.testing.assert_close(m.std(w), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sprint_greedy_requests_step_together_and_decode_as_one_by_one(monkeypatch):
+    """SPRINT's greedy, confidence-ranked step batched over a run of requests (each with its own
+    adaptive k) commits what the per-request step commits; other rankings keep the per-request step."""
+    import llada2uni.sampling.block as block
+    from llada2uni.sampling.sprint import Sprint
+    cfg = Guidance("simple", scale=2.0)
+    reqs = [DenoiseRequest(rows=[[1, 2, 3 + i]], pad_lens=[0], gen_length=40, steps=4, threshold=0.3)
+            for i in range(3)]
+    reqs += [DenoiseRequest(rows=[[4, 5 + i], [MASK, 6]], pad_lens=[0, 1], gen_length=30, steps=4, guidance=cfg,
+                            vocab=(3, 40), threshold=0.3) for i in range(2)]
+    sprint = Sprint(keep_ratio=0.7)
+    calls = []
+    real = block._sprint_greedy_step
+    monkeypatch.setattr(block, "_sprint_greedy_step", lambda run, *a: (calls.append(list(run)), real(run, *a)))
+    together = generate(MockModel(sharpness=8.0), reqs, mask_id=MASK, block_length=B, sprint=sprint)
+    assert [0, 1, 2] in calls and [3, 4] in calls
+    # the same, every request stepping alone
+    monkeypatch.setattr(block, "_runs", lambda live, alive, *a: [[r] for r in live if alive[r]])
+    alone = generate(MockModel(sharpness=8.0), reqs, mask_id=MASK, block_length=B, sprint=sprint)
+    assert together.tokens == alone.tokens and together.forwards == alone.forwards
+    # other rankings keep the per-request step
+    calls.clear()
+    monkeypatch.setattr(block, "_sprint_greedy_step", lambda *a: calls.append("batched"))
+    generate(MockModel(sharpness=8.0), reqs, mask_id=MASK, block_length=B,
+             sprint=Sprint(keep_ratio=0.7, remasking="top_k_margin"))
+    assert not calls
+    monkeypatch.undo()
+    one = [generate(MockModel(sharpness=8.0), [r], mask_id=MASK, block_length=B, sprint=sprint).tokens[0]
+           for r in reqs]
+    assert together.tokens == one
+    # why it is the per-request step: at temperature 0, sprint_sample is the argmax and sprint_scores'
+    # score and top-1 are its probability, greedy_pick's (pred, conf), bit for bit
+    from llada2uni.sampling.unmask import greedy_pick, sprint_sample, sprint_scores
+    g = torch.randn(32, V, generator=torch.Generator().manual_seed(3)) * 4
+    active = torch.rand(32, generator=torch.Generator().manual_seed(4)) < 0.6
+    pred = sprint_sample(g)
+    score, top1 = sprint_scores(g, pred, "low_confidence", active)
+    gpred, conf = greedy_pick(Guidance(), g[None], None)
+    assert torch.equal(pred, gpred) and torch.equal(top1, conf)
+    assert torch.equal(score, conf.masked_fill(~active, float("-inf")))

@@ -136,10 +136,11 @@ def _committed(row: torch.Tensor, plen: int, req: DenoiseRequest, upto: int) -> 
 
 
 def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], scheds: list[list[int]],
-          step: int, batchable: bool) -> list[list[int]]:
+          step: int, sprint: Sprint | None) -> list[list[int]]:
     """The alive requests in forward order, grouped into runs of neighbours (adjacent logits rows) that
-    take the same greedy step: same guidance, vocabulary, threshold, row count and commit count. A
-    request that samples (temperature > 0: its own generator) is a run of its own."""
+    take the same greedy step: same guidance, vocabulary, threshold, row count and commit count (with
+    SPRINT: steps and minimal_topk, its k being adaptive per request). A request that samples
+    (temperature > 0: its own generator), or SPRINT ranking other than by confidence, runs alone."""
     runs, key_of_last = [], None
     for r in live:
         if not alive[r]:
@@ -147,8 +148,10 @@ def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], sc
             continue
         req = requests[r]
         key = None
-        if batchable and req.temperature <= 0:
+        if req.temperature <= 0 and sprint is None:
             key = (req.guidance, req.vocab, req.threshold, len(req.rows), scheds[r][step])
+        elif req.temperature <= 0 and sprint.remasking == "low_confidence":
+            key = (req.guidance, req.vocab, req.threshold, len(req.rows), req.steps, req.minimal_topk)
         if key is not None and key == key_of_last:
             runs[-1].append(r)
         else:
@@ -159,10 +162,11 @@ def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], sc
 
 def _greedy_step(run: list[int], requests: list[DenoiseRequest], logits: torch.Tensor, offset: dict,
                  first: list[int], todo: torch.Tensor, x: torch.Tensor, lo: int, hi: int, k: int,
-                 pick=greedy_pick, moments: VocabMoments | None = None) -> None:
+                 pick=greedy_pick, moments: VocabMoments | None = None, commit_fn=None) -> None:
     """One denoising step of greedy requests of one kind at once: the per-request step (guidance,
     vocabulary, argmax and confidence, the k most confident) over a [G, ...] batch of them; the same
-    ops row by row, so the same tokens. ``pick``: ``greedy_pick`` or a fused equivalent."""
+    ops row by row, so the same tokens. ``pick``: ``greedy_pick`` or a fused equivalent;
+    ``commit_fn(conf, active)``: another rule for which positions to commit (SPRINT's)."""
     req = requests[run[0]]
     nrows = len(req.rows)
     g_rows = logits[offset[run[0]]:offset[run[0]] + nrows * len(run)]  # adjacent: a view
@@ -172,11 +176,27 @@ def _greedy_step(run: list[int], requests: list[DenoiseRequest], logits: torch.T
     else:  # logits of the vocabulary slice only, with the full vocabulary's moments
         pred, conf = pick(req.guidance, rows, req.vocab, moments.select(offset[run[0]], nrows, len(run)))
     idx = torch.tensor(run, dtype=torch.long, device=todo.device)
-    commit = select_transfer(conf, todo[idx, lo:hi], k, req.threshold)  # [G, B]
+    active = todo[idx, lo:hi]
+    commit = commit_fn(conf, active) if commit_fn else select_transfer(conf, active, k, req.threshold)  # [G, B]
     todo[idx, lo:hi] &= ~commit
     rows = torch.tensor([first[r] + j for r in run for j in range(nrows)], dtype=torch.long, device=x.device)
     commit, pred = (t.repeat_interleave(nrows, dim=0) for t in (commit, pred))  # every CFG row of a request
     x[rows, lo:hi] = torch.where(commit, pred, x[rows, lo:hi])
+
+
+def _sprint_greedy_step(run: list[int], requests: list[DenoiseRequest], logits: torch.Tensor, offset: dict,
+                        first: list[int], todo: torch.Tensor, x: torch.Tensor, lo: int, hi: int, step: int,
+                        pick=greedy_pick, moments: VocabMoments | None = None) -> None:
+    """SPRINT's adaptive step for greedy requests ranked by confidence, batched like ``_greedy_step``:
+    at temperature 0 its token is the argmax, and its ranking score and its threshold test are both
+    that token's probability, i.e. ``greedy_pick``'s (pred, conf); k is each request's own
+    ``adaptive_k``. The same tokens as the per-request SPRINT step."""
+    req = requests[run[0]]
+
+    def commit(conf, active):  # [G, B] each
+        k = adaptive_k(active.sum(-1), req.steps, step, req.minimal_topk)[:, None]
+        return select_transfer(conf.masked_fill(~active, float("-inf")), active, k, req.threshold, accept=conf)
+    _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, 0, pick, moments, commit)
 
 
 def generate(
@@ -354,8 +374,15 @@ def generate(
                 logits = logits[:, lo - start:]
             if cache is not None:
                 valid = lo
-            for run in _runs(live, alive, requests, scheds, step, sprint is None):
-                if len(run) > 1 or (sprint is None and requests[run[0]].temperature <= 0):
+            for run in _runs(live, alive, requests, scheds, step, sprint):
+                greedy = requests[run[0]].temperature <= 0
+                if sprint is not None and greedy and sprint.remasking == "low_confidence":
+                    # SPRINT's greedy step ranked by confidence: batched too
+                    _sprint_greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, step, pick, moments)
+                    for r in run:
+                        touched[r] = True
+                    continue
+                if sprint is None and greedy:
                     # greedy requests of one kind: their steps as one batched step
                     _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, scheds[run[0]][step],
                                  pick, moments)
