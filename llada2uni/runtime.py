@@ -291,8 +291,7 @@ class FusedGreedyPick:
     def __call__(self, guidance: Guidance, rows: Tensor, vocab: tuple[int, int] | None,
                  moments: VocabMoments | None = None):
         """With ``moments``, rows hold the logits of the ids in ``vocab`` only (``greedy_pick``)."""
-        if rows.shape[0] < guidance.num_rows:
-            raise ValueError(f"guidance {guidance.kind!r} needs {guidance.num_rows} rows, got {rows.shape[0]}")
+        guidance.check_rows(rows)
         if rows.dim() == 3 or rows.shape[1] < 2:
             return greedy_pick(guidance, rows, vocab, moments)
         dev = rows.device

@@ -135,6 +135,12 @@ def _committed(row: torch.Tensor, plen: int, req: DenoiseRequest, upto: int) -> 
     return out if cut is None else out[: cut + 1]
 
 
+def _batched(req: DenoiseRequest, sprint: Sprint | None) -> bool:
+    """Whether the request's step is the batched greedy one (``_greedy_step``, or SPRINT's
+    confidence-ranked ``_sprint_greedy_step``) rather than the per-request sampling step."""
+    return req.temperature <= 0 and (sprint is None or sprint.remasking == "low_confidence")
+
+
 def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], scheds: list[list[int]],
           step: int, sprint: Sprint | None) -> list[list[int]]:
     """The alive requests in forward order, grouped into runs of neighbours (adjacent logits rows) that
@@ -148,10 +154,9 @@ def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], sc
             continue
         req = requests[r]
         key = None
-        if req.temperature <= 0 and sprint is None:
-            key = (req.guidance, req.vocab, req.threshold, len(req.rows), scheds[r][step])
-        elif req.temperature <= 0 and sprint.remasking == "low_confidence":
-            key = (req.guidance, req.vocab, req.threshold, len(req.rows), req.steps, req.minimal_topk)
+        if _batched(req, sprint):
+            key = (req.guidance, req.vocab, req.threshold, len(req.rows),
+                   scheds[r][step] if sprint is None else (req.steps, req.minimal_topk))
         if key is not None and key == key_of_last:
             runs[-1].append(r)
         else:
@@ -340,9 +345,9 @@ def generate(
         # that can may compute only those logits, with the full vocabulary's moments for cfg_rescale.
         slice_vocab = None
         if sprint is None and cache is not None and getattr(logits_fn, "vocab_slices", False):
-            kinds = {(requests[r].vocab, requests[r].temperature <= 0) for r in live}
-            if len(kinds) == 1 and next(iter(kinds))[0] is not None and next(iter(kinds))[1]:
-                slice_vocab = next(iter(kinds))[0]
+            vocabs = {requests[r].vocab for r in live}
+            if len(vocabs) == 1 and None not in vocabs and all(requests[r].temperature <= 0 for r in live):
+                slice_vocab = vocabs.pop()
         step = 0
         touched = [False] * len(requests)
         pruned_view = False  # SPRINT: the block's queries see the kept prefix keys only
@@ -375,17 +380,13 @@ def generate(
             if cache is not None:
                 valid = lo
             for run in _runs(live, alive, requests, scheds, step, sprint):
-                greedy = requests[run[0]].temperature <= 0
-                if sprint is not None and greedy and sprint.remasking == "low_confidence":
-                    # SPRINT's greedy step ranked by confidence: batched too
-                    _sprint_greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, step, pick, moments)
-                    for r in run:
-                        touched[r] = True
-                    continue
-                if sprint is None and greedy:
-                    # greedy requests of one kind: their steps as one batched step
-                    _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, scheds[run[0]][step],
-                                 pick, moments)
+                if _batched(requests[run[0]], sprint):  # greedy requests of one kind: one batched step
+                    if sprint is None:
+                        _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, scheds[run[0]][step],
+                                     pick, moments)
+                    else:  # SPRINT's greedy step ranked by confidence
+                        _sprint_greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, step, pick,
+                                            moments)
                     for r in run:
                         touched[r] = True
                     continue

@@ -38,6 +38,11 @@ class Guidance:
             return 3
         return 2
 
+    def check_rows(self, rows: Tensor) -> None:
+        """rows [R, ...]: a clear error when there are fewer CFG rows than this guidance combines."""
+        if rows.shape[0] < self.num_rows:
+            raise ValueError(f"guidance {self.kind!r} needs {self.num_rows} rows, got {rows.shape[0]}")
+
 
 # Each formula is evaluated in the official code's order, so that the floats (and therefore near-tied
 # argmaxes) are the same. Callers skip guidance at scale 1, where this is c up to rounding.
@@ -76,10 +81,10 @@ def row_weights(guidance: Guidance) -> list[float]:
     return [guidance.text_scale, 1.0 - guidance.text_scale]
 
 
-def combine(guidance: Guidance, rows: Tensor) -> Tensor:
-    """rows [R, T, V] (0 = conditional, 1 = no-text "u", 2 = no-image "ui") -> guided logits [T, V] fp32."""
-    if rows.shape[0] < guidance.num_rows:
-        raise ValueError(f"guidance {guidance.kind!r} needs {guidance.num_rows} rows, got {rows.shape[0]}")
+def combine(guidance: Guidance, rows: Tensor, stds: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """rows [R, T, V] (0 = conditional, 1 = no-text "u", 2 = no-image "ui") -> guided logits [T, V] fp32.
+    ``stds``: the rescale's full-vocabulary (std_c, std_g) when rows hold a slice of the vocabulary."""
+    guidance.check_rows(rows)
     rows = rows.float()
     c = rows[0]
     if guidance.kind == "none":
@@ -91,7 +96,7 @@ def combine(guidance: Guidance, rows: Tensor) -> Tensor:
     else:
         g = cfg_simple(c, rows[1], guidance.text_scale)
     if guidance.rescale > 0:
-        g = cfg_rescale(g, c, guidance.rescale)
+        g = cfg_rescale(g, c, guidance.rescale, *(stds or ()))
     return g
 
 

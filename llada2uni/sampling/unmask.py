@@ -10,7 +10,7 @@ from torch import Tensor
 
 from dataclasses import dataclass
 
-from .guidance import Guidance, cfg_edit, cfg_rescale, cfg_simple, combine, row_weights
+from .guidance import Guidance, combine, row_weights
 
 
 def restrict_vocab(logits: Tensor, lo: int, hi: int) -> Tensor:
@@ -125,21 +125,8 @@ def greedy_pick(guidance: Guidance, rows: Tensor, vocab: tuple[int, int] | None,
         if vocab is not None:
             g = restrict_vocab(g, *vocab)
         return sample_tokens(g)
-    if rows.shape[0] < guidance.num_rows:
-        raise ValueError(f"guidance {guidance.kind!r} needs {guidance.num_rows} rows, got {rows.shape[0]}")
-    rows = rows.float()
-    c = rows[0]
-    if guidance.kind == "none":
-        g = c
-    else:
-        if guidance.kind == "simple":
-            g = cfg_simple(c, rows[1], guidance.scale)
-        elif guidance.num_rows == 3:
-            g = cfg_edit(c, rows[1], rows[2], guidance.text_scale, guidance.image_scale)
-        else:
-            g = cfg_simple(c, rows[1], guidance.text_scale)
-        if guidance.rescale > 0:
-            g = cfg_rescale(g, None, guidance.rescale, *rescale_stds(guidance, moments))
+    stds = rescale_stds(guidance, moments) if guidance.kind != "none" and guidance.rescale > 0 else None
+    g = combine(guidance, rows, stds)
     pred, conf = sample_tokens(g)
     return pred + vocab[0], conf
 
