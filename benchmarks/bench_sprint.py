@@ -7,7 +7,9 @@ Tasks (the two SPRINT serves): "mmu" = understanding, image tokens + question, a
 "t2i" = text prompt, an image canvas restricted to image codes, simple CFG (two rows, left-padded).
 Configs: "baseline" (cached block loop, fixed schedule); "reuse" (SPRINT, keep ratio 1.0: adaptive
 unmasking + prefix reuse, no pruning); "sprint" (the official defaults: keep 0.7, warm-up 2);
-"sprint-0.5" (the model card's keep 0.5, warm-up 1). All at threshold 0.95 and the same steps.
+"sprint-0.5" (the model card's keep 0.5, warm-up 1, image keys unpinned); "card" (understanding only:
+the model card's example, keep 0.5, warm-up 1, image and text keys pinned, so every key kept, at its
+threshold 0.93); "base@0.93" (understanding only: the baseline at 0.93). All others at threshold 0.95 and the same steps.
 
 Random weights give flat predictions, so no token ever passes the threshold and every block takes
 its full step count. ``--sharpen S`` (repeatable) scales the LM head by S to emulate a confident
@@ -45,7 +47,11 @@ CONFIGS = {
     "reuse": Sprint(keep_ratio=1.0),
     "sprint": Sprint(),
     "sprint-0.5": Sprint(keep_ratio=0.5, cache_warmup_steps=1),
+    # the model card's understanding example: every key pinned (kept), threshold 0.93
+    "card": Sprint(keep_ratio=0.5, cache_warmup_steps=1, image_keep_ratio=1.0, text_keep_ratio=1.0),
+    "base@0.93": None,  # the baseline at the card's threshold: what the threshold alone gives
 }
+THRESHOLD = {"card": 0.93, "base@0.93": 0.93}  # the request's acceptance threshold where a config sets its own (else 0.95)
 
 # Special ids of the real checkpoint (spec 4.1) for the tokenizer-free full-size prompts.
 SOI, EOI, BOI = 156901, 156902, 156904
@@ -84,11 +90,13 @@ def full_setup(args):
     return model, cfg, mmu, t2i
 
 
-def requests(task, cfg, mmu, t2i, args):
+def requests(task, cfg, mmu, t2i, args, threshold=0.95):
     if task == "mmu":
-        return [DenoiseRequest(rows=mmu, pad_lens=[0], gen_length=args.mmu_gen, steps=args.mmu_steps)]
+        return [DenoiseRequest(rows=mmu, pad_lens=[0], gen_length=args.mmu_gen, steps=args.mmu_steps,
+                               threshold=threshold)]
     rows, pads = align_rows(t2i, cfg.mask_token_id)
     return [DenoiseRequest(rows=rows, pad_lens=pads, gen_length=args.t2i_grid ** 2, steps=args.t2i_steps,
+                           threshold=threshold,
                            guidance=Guidance("simple", scale=2.0),
                            vocab=(cfg.image_token_offset, cfg.vocab_size))]
 
@@ -166,7 +174,9 @@ def main():
                 model.lm_head.weight.copy_(head * s)
             base_tokens = base_best = None
             for cname, sprint, fn in configs:
-                reqs = requests(task, cfg, mmu, t2i, args)
+                if cname in THRESHOLD and task != "mmu":
+                    continue  # the card's T2I example is SPRINT's defaults: the "sprint" row
+                reqs = requests(task, cfg, mmu, t2i, args, THRESHOLD.get(cname, 0.95))
                 run(fn, reqs, cfg, sprint, device)  # warm-up
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)

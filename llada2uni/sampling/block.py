@@ -165,13 +165,31 @@ def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], sc
     return runs
 
 
+class _Indices:
+    """Device index tensors of the loop, made once per distinct list: ``torch.tensor(list, device=cuda)``
+    is a host-to-device copy, which PyTorch follows with a stream sync; made every step, it would stall
+    the host behind the GPU twice a step. A run's requests (and so its rows) repeat step after step."""
+
+    def __init__(self, device) -> None:
+        self.device, self._made = device, {}
+
+    def __call__(self, values: list[int]) -> torch.Tensor:
+        key = tuple(values)
+        if key not in self._made:
+            self._made[key] = torch.tensor(values, dtype=torch.long, device=self.device)
+        return self._made[key]
+
+
 def _greedy_step(run: list[int], requests: list[DenoiseRequest], logits: torch.Tensor, offset: dict,
                  first: list[int], todo: torch.Tensor, x: torch.Tensor, lo: int, hi: int, k: int,
-                 pick=greedy_pick, moments: VocabMoments | None = None, commit_fn=None) -> None:
+                 pick=greedy_pick, moments: VocabMoments | None = None, commit_fn=None,
+                 index: Callable[[list[int]], torch.Tensor] | None = None) -> None:
     """One denoising step of greedy requests of one kind at once: the per-request step (guidance,
     vocabulary, argmax and confidence, the k most confident) over a [G, ...] batch of them; the same
     ops row by row, so the same tokens. ``pick``: ``greedy_pick`` or a fused equivalent;
-    ``commit_fn(conf, active)``: another rule for which positions to commit (SPRINT's)."""
+    ``commit_fn(conf, active)``: another rule for which positions to commit (SPRINT's); ``index``:
+    the loop's ``_Indices``."""
+    index = index or _Indices(x.device)
     req = requests[run[0]]
     nrows = len(req.rows)
     g_rows = logits[offset[run[0]]:offset[run[0]] + nrows * len(run)]  # adjacent: a view
@@ -180,18 +198,19 @@ def _greedy_step(run: list[int], requests: list[DenoiseRequest], logits: torch.T
         pred, conf = pick(req.guidance, rows, req.vocab)
     else:  # logits of the vocabulary slice only, with the full vocabulary's moments
         pred, conf = pick(req.guidance, rows, req.vocab, moments.select(offset[run[0]], nrows, len(run)))
-    idx = torch.tensor(run, dtype=torch.long, device=todo.device)
+    idx = index(run)
     active = todo[idx, lo:hi]
     commit = commit_fn(conf, active) if commit_fn else select_transfer(conf, active, k, req.threshold)  # [G, B]
     todo[idx, lo:hi] &= ~commit
-    rows = torch.tensor([first[r] + j for r in run for j in range(nrows)], dtype=torch.long, device=x.device)
+    rows = index([first[r] + j for r in run for j in range(nrows)])
     commit, pred = (t.repeat_interleave(nrows, dim=0) for t in (commit, pred))  # every CFG row of a request
     x[rows, lo:hi] = torch.where(commit, pred, x[rows, lo:hi])
 
 
 def _sprint_greedy_step(run: list[int], requests: list[DenoiseRequest], logits: torch.Tensor, offset: dict,
                         first: list[int], todo: torch.Tensor, x: torch.Tensor, lo: int, hi: int, step: int,
-                        pick=greedy_pick, moments: VocabMoments | None = None) -> None:
+                        pick=greedy_pick, moments: VocabMoments | None = None,
+                        index: Callable[[list[int]], torch.Tensor] | None = None) -> None:
     """SPRINT's adaptive step for greedy requests ranked by confidence, batched like ``_greedy_step``:
     at temperature 0 its token is the argmax, and its ranking score and its threshold test are both
     that token's probability, i.e. ``greedy_pick``'s (pred, conf); k is each request's own
@@ -201,7 +220,7 @@ def _sprint_greedy_step(run: list[int], requests: list[DenoiseRequest], logits: 
     def commit(conf, active):  # [G, B] each
         k = adaptive_k(active.sum(-1), req.steps, step, req.minimal_topk)[:, None]
         return select_transfer(conf.masked_fill(~active, float("-inf")), active, k, req.threshold, accept=conf)
-    _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, 0, pick, moments, commit)
+    _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, 0, pick, moments, commit, index)
 
 
 def generate(
@@ -288,6 +307,7 @@ def generate(
 
     # A logits_fn may bring a fused greedy choice (the fast path's); the reference otherwise.
     pick = getattr(logits_fn, "greedy_pick", None) or greedy_pick
+    index = _Indices(device)
     can_admit = admit is not None and sprint is None and (cache is None or hasattr(logits_fn, "extend_cache"))
     # Finished requests leave the forward at block boundaries (their rows and cache rows dropped), so
     # a batch that newcomers keep joining runs only the requests still denoising. SPRINT keeps its
@@ -340,7 +360,7 @@ def generate(
             offset[r] = len(row_idx)
             row_idx += range(first[r], first[r] + len(requests[r].rows))
         every_row = len(row_idx) == n
-        row_index = None if every_row else torch.tensor(row_idx, dtype=torch.long, device=device)
+        row_index = None if every_row else index(row_idx)
         # Every request in the forward greedy over one vocabulary slice (image canvases): a logits_fn
         # that can may compute only those logits, with the full vocabulary's moments for cfg_rescale.
         slice_vocab = None
@@ -383,10 +403,10 @@ def generate(
                 if _batched(requests[run[0]], sprint):  # greedy requests of one kind: one batched step
                     if sprint is None:
                         _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, scheds[run[0]][step],
-                                     pick, moments)
+                                     pick, moments, None, index)
                     else:  # SPRINT's greedy step ranked by confidence
                         _sprint_greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, step, pick,
-                                            moments)
+                                            moments, index)
                     for r in run:
                         touched[r] = True
                     continue
@@ -428,9 +448,10 @@ def generate(
                 if hit.any():
                     stopped[r] = True
                     todo[r] = False
+        pending = todo.any(1).tolist()  # per request: positions left (one host sync, not one per request)
         if on_finish is not None:  # a request whose canvas is complete leaves at this block boundary
             for r, req in enumerate(requests):
-                if not reported[r] and not todo[r].any():
+                if not reported[r] and not pending[r]:
                     reported[r] = True
                     on_finish(r, _output(x[first[r]], plen[r], req))
         if on_tokens is not None:  # streaming: what each request has committed so far, in order
@@ -439,10 +460,10 @@ def generate(
                     on_tokens(r, _committed(x[first[r]], plen[r], req, hi))
         if progress is not None:
             progress(b - first_block + 1, L // B - first_block)
-        if not todo.any():
+        if not any(pending):
             break
         if can_retire:
-            done = [r for r in live if not todo[r].any()]
+            done = [r for r in live if not pending[r]]
             if done:
                 keep = [i for r in live if r not in done
                         for i in range(offset[r], offset[r] + len(requests[r].rows))]

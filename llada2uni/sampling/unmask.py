@@ -87,11 +87,16 @@ class VocabMoments:
         cross = self.cross[:, idx[:, :, None], idx[:, None, :]].permute(1, 0, 2, 3)  # [count, T, n, n]
         return VocabMoments(sums, cross, self.vocab_size)
 
-    def std(self, weights: Tensor) -> Tensor:
-        """Unbiased std over the V logits of sum_i weights[i] * row_i, per position [...]."""
-        w = weights.to(self.sums)
-        s = (w.view(-1, *[1] * (self.sums.dim() - 1)) * self.sums).sum(0)
-        q = torch.einsum("...ij,i,j->...", self.cross, w, w)
+    def std(self, weights) -> Tensor:
+        """Unbiased std over the V logits of sum_i weights[i] * row_i, per position [...].
+
+        weights: Python floats (a short list, one per row). Not a tensor: a CPU tensor would be a
+        host-to-device copy, and so a host sync, in every step of the fast path."""
+        w = [float(x) for x in weights]
+        if len(w) != self.sums.shape[0]:
+            raise ValueError(f"{len(w)} weights for {self.sums.shape[0]} rows")
+        s = sum(wi * self.sums[i] for i, wi in enumerate(w) if wi)
+        q = sum(wi * wj * self.cross[..., i, j] for i, wi in enumerate(w) for j, wj in enumerate(w) if wi and wj)
         v = self.vocab_size
         return ((q - s * s / v) / (v - 1)).clamp_min(0).sqrt()
 
@@ -99,10 +104,9 @@ class VocabMoments:
 def rescale_stds(guidance: Guidance, moments: VocabMoments) -> tuple[Tensor, Tensor]:
     """cfg_rescale's full-vocabulary stds of c and of g, [..., 1] each, from a request's moments."""
     n = moments.sums.shape[0]  # the request's rows (guidance may use the first few)
-    own, mix = torch.zeros(n), torch.zeros(n)
-    own[0] = 1.0
     weights = row_weights(guidance)
-    mix[:len(weights)] = torch.tensor(weights)
+    own = [1.0] + [0.0] * (n - 1)
+    mix = weights + [0.0] * (n - len(weights))
     return moments.std(own)[..., None], moments.std(mix)[..., None]
 
 
