@@ -73,6 +73,7 @@ def run_server(args) -> None:
     print(f"server: {'full-size random' if args.full else 'tiny'} model on {pipe.device} ({name})",
           file=sys.stderr, flush=True)
     config = ServerConfig(model_id="load-test", max_batch=args.max_batch, max_queue=args.max_queue,
+                          batch_linger_s=args.batch_linger_ms / 1e3,
                           request_timeout=args.request_timeout, warm_up=args.warm_up,
                           default_size=args.size, default_max_tokens=args.max_tokens)
     uvicorn.run(create_app(config, pipe=pipe), host="127.0.0.1", port=args.port, log_level="warning")
@@ -241,6 +242,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="chat answer length")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-queue", type=int, default=32)
+    ap.add_argument("--batch-linger-ms", type=float, default=20.0, help="server: SchedulerConfig.batch_linger_s")
     ap.add_argument("--max-retries", type=int, default=50, help="per request, on 429")
     ap.add_argument("--request-timeout", type=float, default=600.0)
     ap.add_argument("--client-timeout", type=float, default=900.0)
@@ -265,7 +267,8 @@ def main() -> None:
 
     port = free_port()
     cmd = [sys.executable, __file__, "--serve-only", "--port", str(port), "--max-batch", str(args.max_batch),
-           "--max-queue", str(args.max_queue), "--request-timeout", str(args.request_timeout)]
+           "--max-queue", str(args.max_queue), "--request-timeout", str(args.request_timeout),
+           "--batch-linger-ms", str(args.batch_linger_ms)]
     cmd += ["--full"] * args.full + ["--eager"] * args.eager + (["--device", args.device] if args.device else [])
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--size", args.size, "--max-tokens", str(args.max_tokens)] + ["--no-warm-up"] * (not args.warm_up)

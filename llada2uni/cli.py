@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-batch", type=int, default=32, help="denoising requests sharing one forward")
     p.add_argument("--max-queue", type=int, default=64, help="requests in flight; more get 429")
+    p.add_argument("--batch-linger-ms", type=float, default=20.0,
+                   help="a new batch waits up to this long for requests still arriving (0: never)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
     p.add_argument("--max-body-mb", type=float, default=32.0)
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="per uploaded image")

@@ -181,3 +181,21 @@ def test_a_request_joins_a_running_batch_at_a_block_boundary(pipe):
         assert stats["joined"] == 1 and stats["batches"] == 1 and stats["max_batch_seen"] == 2
     finally:
         s.stop()
+
+
+def test_a_new_batch_lingers_for_work_still_arriving_but_never_for_a_lone_request(pipe):
+    s = Scheduler(pipe, SchedulerConfig(batch_linger_s=5.0)).start()
+    try:
+        # alone: nobody else is admitted, so the batch starts at once (it would wait 5 s otherwise)
+        assert s.submit(chat(pipe, "Hi")).future.result(4.0)
+        first = s.submit(chat(pipe, "Hi"))
+        late_chat = chat(pipe, "Why?")
+        second = s.submit(lambda job: (time.sleep(0.3), late_chat(job))[1])  # its prompt is slow to come
+        first.future.result(60), second.future.result(60)
+        stats = s.stats()
+        # both started together: one more batch, of two, and nobody joined mid-batch
+        assert (stats["batches"], stats["max_batch_seen"], stats["joined"]) == (2, 2, 0)
+    finally:
+        s.stop()
+    with pytest.raises(ValueError, match="batch_linger_s"):
+        SchedulerConfig(batch_linger_s=-1.0)

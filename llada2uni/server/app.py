@@ -45,6 +45,7 @@ class ServerConfig:
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     max_batch: int = 32  # denoising requests sharing one forward
     max_queue: int = 64  # requests in flight at once; more get 429
+    batch_linger_s: float = 0.02  # a new batch waits this long at most for requests still arriving
     request_timeout: float = 600.0  # seconds
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # per uploaded image, checked before decoding it
@@ -155,7 +156,8 @@ class _State:
             if self.warm_up:
                 log.info("warm-up done in %.1f s", self.warm_up["seconds"])
         self.scheduler = Scheduler(self.pipe, SchedulerConfig(max_batch=c.max_batch, max_queue=c.max_queue,
-                                                              request_timeout=c.request_timeout)).start()
+                                                              request_timeout=c.request_timeout,
+                                                              batch_linger_s=c.batch_linger_s)).start()
 
     def stop(self) -> None:
         if self.scheduler is not None:

@@ -57,6 +57,7 @@ def serve(args) -> int:
     model_id = args.served_model_name or ("llada2uni-tiny" if args.model == "tiny" else
                                           Path(args.model.rstrip("/")).name)
     config = ServerConfig(model_id=model_id, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                          batch_linger_s=args.batch_linger_ms / 1e3,
                           request_timeout=args.request_timeout, max_body_bytes=int(args.max_body_mb * 2 ** 20),
                           max_image_pixels=args.max_image_pixels, default_size=args.default_size,
                           allow_remote_images=args.allow_remote_images,

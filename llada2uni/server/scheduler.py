@@ -65,10 +65,17 @@ class SchedulerConfig:
     max_batch: int = 32  # denoising requests sharing one forward (a CFG request counts once)
     max_queue: int = 64  # jobs admitted at once: waiting, in a batch or being decoded
     request_timeout: float = 600.0  # seconds from admission to result
+    # How long a new batch may wait for denoising work of admitted jobs that have not sent it yet
+    # (their threads still building prompts), as servers wait a moment to fill a batch. It waits only
+    # while such jobs exist, so a lone request never waits; a request that misses the batch start
+    # still joins at a block boundary, but pays a prefill forward and runs a block behind.
+    batch_linger_s: float = 0.02
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
+        if not 0.0 <= self.batch_linger_s <= 10.0:
+            raise ValueError(f"batch_linger_s must be in [0, 10] seconds, got {self.batch_linger_s}")
         if not self.request_timeout > 0:
             raise ValueError("request_timeout must be > 0")
 
@@ -286,6 +293,8 @@ class Scheduler:
                     return
                 first = self._queue.popleft()
                 batch = self._take_batch(first) if first.kind == "denoise" else [first]
+                if first.kind == "denoise":
+                    self._linger(batch)
                 self._running = len(batch)
             try:
                 if first.kind == "denoise":
@@ -300,8 +309,12 @@ class Scheduler:
 
     def _take_batch(self, first: _Work) -> list[_Work]:
         """``first`` plus every waiting denoising item it can share forwards with, up to max_batch requests."""
-        batch, size = [first], first.size
-        options = first.payload[1]  # (block_length, sprint)
+        return self._fill([first])
+
+    def _fill(self, batch: list[_Work]) -> list[_Work]:
+        """``batch`` plus the waiting denoising items that can share its forwards (lock held)."""
+        size = sum(item.size for item in batch)
+        options = batch[0].payload[1]  # (block_length, sprint)
         for item in list(self._queue):
             if item.kind != "denoise" or item.payload[1] != options:
                 continue
@@ -311,6 +324,22 @@ class Scheduler:
             batch.append(item)
             size += item.size
         return batch
+
+    def _linger(self, batch: list[_Work]) -> None:
+        """With the lock held: up to ``batch_linger_s``, take more work into ``batch`` while it has room
+        and some admitted job has no work queued or in it (its denoising work may be moments away)."""
+        deadline = time.monotonic() + self.config.batch_linger_s
+        while not self._stopping:
+            if sum(item.size for item in batch) >= self.config.max_batch:
+                return
+            busy = {item.job for item in self._queue} | {item.job for item in batch}
+            if all(job in busy for job in self._live):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+            self._fill(batch)
 
     def _run_call(self, item: _Work) -> None:
         if item.job.cancelled:
