@@ -82,7 +82,8 @@ def main():
 
     def requests(task, n):
         if task == "t2i":
-            rows = [pipe.tokens.t2i_prompts(f"a photo of object {i}", 16, 16) for i in range(n)]
+            # "object 10".."object 99": one prompt length, not block-aligned (as most are: 72 forwards, not 64)
+            rows = [pipe.tokens.t2i_prompts(f"a photo of object {i + 10}", 16, 16) for i in range(n)]
             from llada2uni.sampling.guidance import Guidance
             return [pipe._request(r, gen_length=256, steps=8, threshold=0.95, image=True,
                                   guidance=Guidance("simple", scale=4.0, rescale=0.7), clamp_length=1088)
