@@ -117,7 +117,7 @@ def main():
                 print(row, flush=True)
     pipe.logits_fn = fast
     fast.greedy_pick = fused_pick
-    fast.vocab_slices = False  # the default
+    fast.vocab_slices = True  # the default
     card = torch.cuda.get_device_name(dev)
     print(f"\ncard: {card}")
     print(f"{'task':5s} {'reqs':>4s} {'variant':>9s} {'wall s':>7s} {'fwds':>5s} {'ms/fwd':>7s} {'in fwd':>7s} "
