@@ -453,3 +453,41 @@ def test_fast_path_runs_the_pruned_steps_and_equals_the_clear_path(pipe):
     assert out.pruned and [p.kept for p in out.pruned] == [p.kept for p in clear.pruned]
     assert sum(snap is not None for *_, snap in fast.calls) > 0  # pruned steps ran on the fast path
     assert out.tokens == clear.tokens and out.forwards == clear.forwards
+
+
+def test_fast_path_slices_the_image_vocabulary_under_sprint_and_equals_the_clear_path(pipe):
+    """Image canvases under SPRINT: the steps that return only the block's logits take the image ids'
+    logits alone (with the full vocabulary's moments for cfg_rescale); the forward that also returns
+    the newly final positions (their confidence is a softmax over every id) takes the full vocabulary.
+    Same tokens as the clear path."""
+    from llada2uni.runtime import FastBackboneLogits
+    mask, off, V = pipe.tokens.ids.mask, pipe.image_token_offset, pipe.config.vocab_size
+    sprint = Sprint(keep_ratio=0.5, cache_warmup_steps=1)
+
+    def reqs():
+        out = []
+        for prompt in ("a cat", "a red boat at sea"):
+            rows, pads = align_rows(pipe.tokens.t2i_prompts(prompt, 2, 8), mask)
+            out.append(DenoiseRequest(rows=rows, pad_lens=pads, gen_length=16, steps=8, vocab=(off, V),
+                                      guidance=Guidance("simple", scale=2.0, rescale=0.7)))
+        return out
+    clear = generate(pipe.logits_fn, reqs(), mask_id=mask, sprint=sprint, image_offset=off)
+    inner = FastBackboneLogits(pipe.model, eager=True)
+    calls = []
+
+    class Spy:
+        sprint_views, vocab_slices, new_cache = True, True, inner.new_cache
+
+        def __call__(self, ids, start, pad_lens, cache, num_logits, **kw):
+            calls.append((num_logits, kw.get("vocab")))
+            return inner(ids, start, pad_lens, cache, num_logits, **kw)
+    try:
+        out = generate(Spy(), reqs(), mask_id=mask, sprint=sprint, image_offset=off)
+    finally:
+        from llada2uni.ops.moe import experts_reference
+        for m in pipe.model.modules():
+            if hasattr(m, "dispatch"):
+                m.dispatch = experts_reference
+    assert out.pruned and out.tokens == clear.tokens and out.forwards == clear.forwards
+    assert any(v == (off, V) for _, v in calls) and any(v is None and n > 32 for n, v in calls)
+    assert all(v is None for n, v in calls if n > 32)

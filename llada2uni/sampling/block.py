@@ -363,10 +363,12 @@ def generate(
         row_index = None if every_row else index(row_idx)
         # Every request in the forward greedy over one vocabulary slice (image canvases): a logits_fn
         # that can may compute only those logits, with the full vocabulary's moments for cfg_rescale.
+        # With SPRINT, not the forward that returns the newly final positions' logits too: their
+        # confidence is a softmax over the whole vocabulary.
         slice_vocab = None
-        if sprint is None and cache is not None and getattr(logits_fn, "vocab_slices", False):
+        if cache is not None and getattr(logits_fn, "vocab_slices", False):
             vocabs = {requests[r].vocab for r in live}
-            if len(vocabs) == 1 and None not in vocabs and all(requests[r].temperature <= 0 for r in live):
+            if len(vocabs) == 1 and None not in vocabs and all(_batched(requests[r], sprint) for r in live):
                 slice_vocab = vocabs.pop()
         step = 0
         touched = [False] * len(requests)
@@ -388,7 +390,7 @@ def generate(
             else:
                 ids_in, pads_in = x[row_index, start:hi], pad_lens[row_index]
             moments = None
-            if slice_vocab is None:
+            if slice_vocab is None or num_logits != B:
                 logits = logits_fn(ids_in, start, pads_in, cache, num_logits)  # [R, num_logits, V]
             else:  # [R, num_logits, hi - lo] and VocabMoments
                 logits, moments = logits_fn(ids_in, start, pads_in, cache, num_logits, vocab=slice_vocab)
