@@ -150,8 +150,9 @@ class _State:
             from ..runtime import warm_up
             w, h = parse_size(c.default_size, max_side=c.max_side, param="default_size")
             log.info("warming up the fast path (compile and CUDA-graph capture)")
-            # every row bucket a full batch reaches: CFG gives an image request two rows
-            self.warm_up = warm_up(self.pipe, max_rows=2 * c.max_batch, size=(h, w) if self.can_decode else None,
+            # every row bucket a full batch reaches: CFG gives an image request two rows; the image
+            # canvas's steps even without a decoder (response_format "tokens" needs none)
+            self.warm_up = warm_up(self.pipe, max_rows=2 * c.max_batch, size=(h, w),
                                    text_tokens=c.default_max_tokens)
             if self.warm_up:
                 log.info("warm-up done in %.1f s", self.warm_up["seconds"])
