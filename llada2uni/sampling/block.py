@@ -100,14 +100,15 @@ def _pruned_view(cache: Any, sprint: Sprint, x: LongTensor, conf: torch.Tensor, 
     """
     pin = pins(x[:, :lo], image_offset, sprint)  # [R, lo]
     counts = keep_counts(lo, pin.sum(-1), sprint.keep_ratio)  # [R]
-    kept = int(counts.max())
+    kept_per_row = counts.tolist()  # the one host sync of the selection
+    kept = max(kept_per_row)
     n = x.shape[0]  # a fast path's cache may hold padding rows past the batch's own
     keep = keep_mask(cache.k[:, :n, :, :lo], conf[:, :lo], pin, counts, sprint.alpha)  # every layer: [layers, R, lo]
     # Stable sort of "not kept" brings the kept indices first, in ascending order.
     idx = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :kept]  # [layers, R, K]
     valid = torch.arange(kept, device=x.device)[None, :] < counts[:, None]  # [R, K]
     cache.set_view(lo, hi, idx, valid)
-    return PruneStats(block, counts.tolist(), [lo] * x.shape[0])
+    return PruneStats(block, kept_per_row, [lo] * x.shape[0])
 
 
 def admission_shift(req: DenoiseRequest, block: int, block_length: int) -> int:
