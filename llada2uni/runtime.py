@@ -637,7 +637,9 @@ class FastBackboneLogits:
                                    dtype=self.model.model.word_embeddings.weight.dtype)
                 self.greedy_pick(guidance, flat.view(2, n, *flat.shape[1:]).transpose(0, 1), vocab)
                 if vocab is not None and self.vocab_slices:  # and over the image ids alone
-                    part = flat[..., vocab[0]:vocab[1]]
+                    # contiguous, as the sliced step returns them (a slice of ``flat`` has other
+                    # strides: the first real batch would compile again)
+                    part = flat[..., vocab[0]:vocab[1]].contiguous()
                     moments = VocabMoments(torch.zeros(2 * n, self.block_length, device=device),
                                            torch.zeros(self.block_length, 2 * n, 2 * n, device=device),
                                            cfg.vocab_size).select(0, n, 2)

@@ -6,6 +6,7 @@ import torch
 from llada2uni.ops.attention import block_causal_mask, rope_positions
 from llada2uni.pipeline import BackboneLogits, LLaDA2Uni
 from llada2uni.runtime import FastBackboneLogits, accelerate
+from llada2uni.sampling.unmask import VocabMoments
 
 
 def _window_logits(fn, ids, pads, spans):
@@ -429,6 +430,11 @@ def test_a_warmed_fused_pick_does_not_recompile_for_larger_runs(tiny_model):
         fast.greedy_pick(Guidance("simple", scale=4.0, rescale=0.7), logits.view(g, 2, 32, v).transpose(0, 1),
                          (lo, v))
         fast.greedy_pick(Guidance(), torch.randn(g, 32, v).view(g, 1, 32, v).transpose(0, 1), None)
+        # and the image ids alone, with the full vocabulary's moments (vocab_slices)
+        part = logits[..., lo:].contiguous()  # as the sliced step returns it
+        moments = VocabMoments(torch.randn(2 * g, 32), torch.rand(32, 2 * g, 2 * g) + 10.0, v).select(0, 2, g)
+        fast.greedy_pick(Guidance("simple", scale=4.0, rescale=0.7), part.view(g, 2, 32, v - lo).transpose(0, 1),
+                         (lo, v), moments)
     assert {k: p.compiles for k, p in fast.greedy_pick.parts.items()} == before
     assert not any(p.failed for p in fast.greedy_pick.parts.values())
     for m in tiny_model.modules():
