@@ -633,16 +633,19 @@ class FastBackboneLogits:
                 # laid out as the sampler hands a run over (two requests' rows in a row, viewed as
                 # [rows, requests, B, V]): another layout would be a new graph at the first real batch
                 n = guidance.num_rows
-                flat = torch.zeros(2 * n, self.block_length, cfg.vocab_size, device=device,
-                                   dtype=self.model.model.word_embeddings.weight.dtype)
+                # Inference tensors, as the step returns (made under inference mode; the pick runs
+                # outside it): Dynamo guards on the autograd dispatch key, so ordinary tensors here
+                # would leave graphs that the first real batch does not match.
+                with torch.inference_mode():
+                    flat = torch.zeros(2 * n, self.block_length, cfg.vocab_size, device=device,
+                                       dtype=self.model.model.word_embeddings.weight.dtype)
+                    # contiguous, as the sliced step returns them (a slice of ``flat`` has other strides)
+                    part = flat[..., image[0]:image[1]].contiguous()
+                    sums = torch.zeros(2 * n, self.block_length, device=device)
+                    cross = torch.zeros(self.block_length, 2 * n, 2 * n, device=device)
                 self.greedy_pick(guidance, flat.view(2, n, *flat.shape[1:]).transpose(0, 1), vocab)
                 if vocab is not None and self.vocab_slices:  # and over the image ids alone
-                    # contiguous, as the sliced step returns them (a slice of ``flat`` has other
-                    # strides: the first real batch would compile again)
-                    part = flat[..., vocab[0]:vocab[1]].contiguous()
-                    moments = VocabMoments(torch.zeros(2 * n, self.block_length, device=device),
-                                           torch.zeros(self.block_length, 2 * n, 2 * n, device=device),
-                                           cfg.vocab_size).select(0, n, 2)
+                    moments = VocabMoments(sums, cross, cfg.vocab_size).select(0, n, 2)
                     self.greedy_pick(guidance, part.view(2, n, *part.shape[1:]).transpose(0, 1), vocab, moments)
         if device.type == "cuda":
             torch.cuda.synchronize()

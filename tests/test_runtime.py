@@ -426,17 +426,28 @@ def test_a_warmed_fused_pick_does_not_recompile_for_larger_runs(tiny_model):
     before = {k: p.compiles for k, p in fast.greedy_pick.parts.items()}
     v, lo = tiny_model.config.vocab_size, tiny_model.config.image_token_offset
     for g in (3, 8, 17):
-        logits = torch.randn(2 * g, 32, v)  # g T2I requests, as the forward returns them
+        with torch.inference_mode():  # g T2I requests, as the forward returns them (inference tensors)
+            logits = torch.randn(2 * g, 32, v)
+            text = torch.randn(g, 32, v)
+            part = logits[..., lo:].contiguous()  # as the sliced step returns it
+            moments = VocabMoments(torch.randn(2 * g, 32), torch.rand(32, 2 * g, 2 * g) + 10.0, v)
         fast.greedy_pick(Guidance("simple", scale=4.0, rescale=0.7), logits.view(g, 2, 32, v).transpose(0, 1),
                          (lo, v))
-        fast.greedy_pick(Guidance(), torch.randn(g, 32, v).view(g, 1, 32, v).transpose(0, 1), None)
+        fast.greedy_pick(Guidance(), text.view(g, 1, 32, v).transpose(0, 1), None)
         # and the image ids alone, with the full vocabulary's moments (vocab_slices)
-        part = logits[..., lo:].contiguous()  # as the sliced step returns it
-        moments = VocabMoments(torch.randn(2 * g, 32), torch.rand(32, 2 * g, 2 * g) + 10.0, v).select(0, 2, g)
         fast.greedy_pick(Guidance("simple", scale=4.0, rescale=0.7), part.view(g, 2, 32, v - lo).transpose(0, 1),
-                         (lo, v), moments)
+                         (lo, v), moments.select(0, 2, g))
     assert {k: p.compiles for k, p in fast.greedy_pick.parts.items()} == before
     assert not any(p.failed for p in fast.greedy_pick.parts.values())
+    # a SPRINT batch of T2I requests too: its first forward of a block also returns the newly final
+    # block's logits, so the block's own are a slice of them
+    from llada2uni.sampling.block import DenoiseRequest, generate
+    from llada2uni.sampling.sprint import Sprint
+    mask = tiny_model.config.mask_token_id
+    reqs = [DenoiseRequest(rows=[[5, 6, 7 + i, 8], [mask, 8, 9, 10]], pad_lens=[0, 1], gen_length=40, steps=4,
+                           guidance=Guidance("simple", scale=3.0, rescale=0.7), vocab=(lo, v)) for i in range(3)]
+    out = generate(fast, reqs, mask_id=mask, sprint=Sprint(keep_ratio=0.5, cache_warmup_steps=1), image_offset=lo)
+    assert out.pruned and {k: p.compiles for k, p in fast.greedy_pick.parts.items()} == before
     for m in tiny_model.modules():
         if hasattr(m, "dispatch"):
             from llada2uni.ops.moe import experts_reference

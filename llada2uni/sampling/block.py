@@ -399,7 +399,10 @@ def generate(
             row_forwards += ids_in.shape[0]
             if num_logits > B:
                 conf_prefix[:, start:lo] = max_prob(logits[:, : lo - start])
-                logits = logits[:, lo - start:]
+                # contiguous, as every other step's, and an inference tensor if they are: a compiled
+                # pick guards on strides and on the autograd key, and would compile again
+                with torch.inference_mode(logits.is_inference()):
+                    logits = logits[:, lo - start:].contiguous()
             if cache is not None:
                 valid = lo
             for run in _runs(live, alive, requests, scheds, step, sprint):
