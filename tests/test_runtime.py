@@ -495,6 +495,13 @@ def test_vocab_slice_step_returns_the_full_vocab_moments(tiny_model):
     sliced = generate(Spy(), reqs, mask_id=mask).tokens
     assert calls and all(c == (lo, hi) for c in calls)
     assert sliced == generate(BackboneLogits(tiny_model), reqs, mask_id=mask).tokens
+    # a request that samples (its own draw over every allowed id) keeps the whole forward unsliced
+    calls.clear()
+    sampled = DenoiseRequest(rows=[[5, 6, 9], [mask, 8, 9]], pad_lens=[0, 1], gen_length=40, steps=4,
+                             guidance=Guidance("simple", scale=3.0, rescale=0.7), vocab=(lo, hi), temperature=1.0,
+                             generator=torch.Generator().manual_seed(0))
+    generate(Spy(), reqs + [sampled], mask_id=mask)
+    assert calls and all(c is None for c in calls)
     for m in tiny_model.modules():
         if hasattr(m, "dispatch"):
             from llada2uni.ops.moe import experts_reference
