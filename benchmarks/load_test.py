@@ -182,6 +182,8 @@ async def run_level(base: str, clients: int, requests: int, args, task: str) -> 
                # rows per forward: how full the steps ran (CFG requests count 2 rows)
                rows_per_forward=round((after["row_forwards"] - before["row_forwards"])
                                       / max(after["forwards"] - before["forwards"], 1), 2),
+               # requests that joined a running batch at a block boundary (missed its start)
+               joined=after["joined"] - before["joined"],
                max_batch=max((int(k) for k, v in after["batch_sizes"].items()
                               if v > before["batch_sizes"].get(k, 0)), default=0),
                server_in_flight_after=after["in_flight"], errors=errors,
@@ -302,7 +304,8 @@ def main() -> None:
     if args.full or (args.device or "cpu").startswith("cuda"):
         device = args.device or "cuda"
     cols = ["task", "clients", "requests", "completed", "rejected", "failed", "lost", "p50_s", "p95_s", "e2e_p50_s",
-            "e2e_p95_s", "req_per_s", "tokens_per_s", "mean_batch", "rows_per_forward", "max_batch", "failed_batches"]
+            "e2e_p95_s", "req_per_s", "tokens_per_s", "mean_batch", "rows_per_forward", "joined", "max_batch",
+            "failed_batches"]
     print()
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
