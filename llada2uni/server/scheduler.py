@@ -293,8 +293,6 @@ class Scheduler:
                     return
                 first = self._queue.popleft()
                 batch = self._take_batch(first) if first.kind == "denoise" else [first]
-                if first.kind == "denoise":
-                    self._linger(batch)
                 self._running = len(batch)
             try:
                 if first.kind == "denoise":
@@ -308,8 +306,11 @@ class Scheduler:
                     self._running = 0
 
     def _take_batch(self, first: _Work) -> list[_Work]:
-        """``first`` plus every waiting denoising item it can share forwards with, up to max_batch requests."""
-        return self._fill([first])
+        """``first`` plus every waiting denoising item it can share forwards with, up to max_batch requests,
+        and those that arrive while it lingers (``_linger``)."""
+        batch = self._fill([first])
+        self._linger(batch)
+        return batch
 
     def _fill(self, batch: list[_Work]) -> list[_Work]:
         """``batch`` plus the waiting denoising items that can share its forwards (lock held)."""
