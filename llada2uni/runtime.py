@@ -639,12 +639,13 @@ class FastBackboneLogits:
                 with torch.inference_mode():
                     flat = torch.zeros(2 * n, self.block_length, cfg.vocab_size, device=device,
                                        dtype=self.model.model.word_embeddings.weight.dtype)
-                    # contiguous, as the sliced step returns them (a slice of ``flat`` has other strides)
-                    part = flat[..., image[0]:image[1]].contiguous()
-                    sums = torch.zeros(2 * n, self.block_length, device=device)
-                    cross = torch.zeros(self.block_length, 2 * n, 2 * n, device=device)
                 self.greedy_pick(guidance, flat.view(2, n, *flat.shape[1:]).transpose(0, 1), vocab)
                 if vocab is not None and self.vocab_slices:  # and over the image ids alone
+                    with torch.inference_mode():
+                        # contiguous, as the sliced step returns them (a slice of ``flat`` has other strides)
+                        part = flat[..., vocab[0]:vocab[1]].contiguous()
+                        sums = torch.zeros(2 * n, self.block_length, device=device)
+                        cross = torch.zeros(self.block_length, 2 * n, 2 * n, device=device)
                     moments = VocabMoments(sums, cross, cfg.vocab_size).select(0, n, 2)
                     self.greedy_pick(guidance, part.view(2, n, *part.shape[1:]).transpose(0, 1), vocab, moments)
         if device.type == "cuda":
