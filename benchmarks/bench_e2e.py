@@ -7,8 +7,10 @@ number reported); time to first image after process start.
 Weights are random (built on the GPU, no disk), the tokenizer is the tiny checkpoint's (the token
 ids are valid ids of the real vocabulary), so the work per step is the real model's. "time to first
 image" counts from process start: imports, building 16B + 6.2B + 1.2B parameters on the GPU (in place
-of reading them from disk), CUDA-graph capture and the DiT's torch.compile warm-up. Prints a table,
-then one JSON line.
+of reading them from disk), CUDA-graph capture and the DiT's torch.compile warm-up. The step's
+compile runs in a background thread during the build (``runtime.Precompile``), as ``from_pretrained``
+runs it during the load; ``--no-precompile`` turns that off, ``--breakdown`` times the first T2I's
+compiles and captures. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch  # noqa: E402
 from llada2uni.config import BackboneConfig  # noqa: E402
 from llada2uni.models.image_tokenizer import ImageTokenizer, ImageTokenizerConfig  # noqa: E402
 from llada2uni.pipeline import LLaDA2Uni  # noqa: E402
-from llada2uni.runtime import FastBackboneLogits, accelerate  # noqa: E402
+from llada2uni.runtime import FastBackboneLogits, Precompile, accelerate  # noqa: E402
 from llada2uni.tiny import write_tiny_tokenizer  # noqa: E402
 from llada2uni.tokens import Tokens  # noqa: E402
 from llada2uni.weights import make_random  # noqa: E402
@@ -41,8 +43,51 @@ def sync_time(fn):
     return out, time.perf_counter() - t
 
 
+class Breakdown:
+    """Where the first T2I's seconds go (``--breakdown``): wall time inside graph captures, inside
+    step-part calls that compiled (Dynamo + Inductor), and inside eager steps (prefill windows)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def add(self, label: str, dt: float) -> None:
+        self.seconds[label] = self.seconds.get(label, 0.0) + dt
+        self.calls[label] = self.calls.get(label, 0) + 1
+
+    def install(self, fast) -> None:
+        from llada2uni import runtime
+        me = self
+
+        def timed(fn, label):
+            def wrapper(*a, **k):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                out = fn(*a, **k)
+                torch.cuda.synchronize()
+                me.add(label, time.perf_counter() - t)
+                return out
+            return wrapper
+        fast._capture = timed(fast._capture, "capture (incl. its compiles)")
+        original = runtime._Compiled.__call__
+
+        def compiled_call(self, *a):
+            before = self.compiles
+            t = time.perf_counter()
+            out = original(self, *a)
+            if self.compiles > before:
+                me.add(f"compile {getattr(self.eager, '__name__', '?')}", time.perf_counter() - t)
+            return out
+        runtime._Compiled.__call__ = compiled_call
+
+    def report(self) -> dict:
+        return {k: [round(v, 2), self.calls[k]] for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1])}
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--no-precompile", action="store_true", help="no background compile during the build")
+    ap.add_argument("--breakdown", action="store_true", help="time the first T2I's captures and compiles")
     ap.add_argument("--eager", action="store_true", help="clear path for the backbone, no compile")
     ap.add_argument("--tiny", action="store_true", help="smoke run on CPU with tiny sizes")
     args = ap.parse_args()
@@ -63,6 +108,8 @@ def main():
         torch.cuda.get_device_name = lambda *a: "cpu"
     else:
         cfg = BackboneConfig()
+    # as LLaDA2Uni.from_pretrained does: the step's compile runs in the background while weights load
+    precompile = None if args.eager or args.tiny or args.no_precompile else Precompile(cfg, device, dtype)
     model = make_random(cfg, device=device, dtype=dtype)
     tmp = tempfile.mkdtemp()
     write_tiny_tokenizer(tmp)
@@ -81,7 +128,10 @@ def main():
         from llada2uni.pipeline import BackboneLogits
         pipe.logits_fn = BackboneLogits(model)
     else:
-        accelerate(pipe)
+        accelerate(pipe, precompile=precompile)
+    breakdown = Breakdown() if args.breakdown else None
+    if breakdown is not None and not args.eager:
+        breakdown.install(pipe.logits_fn)
     build_s = time.perf_counter() - START
     results = {}
 
@@ -97,6 +147,9 @@ def main():
     results["time_to_first_image_s"] = round(time.perf_counter() - START, 1)
     results["first_t2i_s"] = round(first_s, 2)  # after the build: what the first request pays
     results["first_t2i_decode_s"] = round(dec_s, 2)  # of which the decoder (its compile included)
+    if breakdown is not None:
+        results["first_t2i_breakdown"] = breakdown.report()
+    results["precompile"] = getattr(pipe.logits_fn, "precompiled", None)
     torch.cuda.reset_peak_memory_stats()
     (img, forwards, dec_s), t2i_s = sync_time(t2i)
     results["t2i_1024_turbo_s"] = round(t2i_s, 2)

@@ -52,13 +52,17 @@ def build_pipe(args):
 
     config = BackboneConfig()  # the full-size LLaDA2.0-Uni backbone, random weights
     device = torch.device(args.device or "cuda")
+    precompile = None
+    if device.type == "cuda" and not args.eager:  # as from_pretrained: compile while the weights are made
+        from llada2uni.runtime import Precompile
+        precompile = Precompile(config, device, torch.bfloat16)
     model = make_random(config, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     # Any tokenizer with the special strings serves: ids are looked up by string (tokens.py).
     write_tiny_tokenizer(tmp)
     pipe = LLaDA2Uni(model, Tokens.from_pretrained(tmp, config), path=None)
     if device.type == "cuda" and not args.eager:
         from llada2uni.runtime import accelerate
-        accelerate(pipe)  # the fast path from_pretrained gives on CUDA
+        accelerate(pipe, precompile=precompile)  # the fast path from_pretrained gives on CUDA
     return pipe
 
 

@@ -101,12 +101,17 @@ class LLaDA2Uni:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, default=torch.bfloat16 if dev.type == "cuda" else torch.float32)
         directory = resolve_checkpoint(path_or_repo, revision=revision)
+        precompile = None
+        if fast and dev.type == "cuda":  # the fast path's compile runs while the weights load
+            from .config import BackboneConfig
+            from .runtime import Precompile
+            precompile = Precompile(BackboneConfig.from_file(directory / "config.json"), dev, dt)
         model = load_backbone(directory, device=dev, dtype=dt)
         tokens = Tokens.from_pretrained(directory, model.config)
         pipe = cls(model, tokens, directory, keep_decoder=keep_decoder, image_device=image_device)
         if fast and dev.type == "cuda":  # the fast path; fast=False keeps the clear eager path
             from .runtime import accelerate
-            accelerate(pipe)
+            accelerate(pipe, precompile=precompile)
         return pipe
 
     @property

@@ -420,7 +420,7 @@ class FastBackboneLogits:
 
     def __init__(self, model: LLaDA2MoeForLM, block_length: int = 32, *, eager: bool = False,
                  compile: bool = False, moe: str = "auto", attention: str = "auto",
-                 vocab_slices: bool = True) -> None:
+                 vocab_slices: bool = True, compile_backend: str = "inductor") -> None:
         self.model = model
         # vocab_slices: the sampler may ask an image canvas's step for the image ids' logits alone
         # (``__call__``'s vocab): measured faster at 1 and 32 requests (benchmarks/RESULTS.md)
@@ -431,11 +431,12 @@ class FastBackboneLogits:
         # Graphs need a host-sync-free MoE dispatch and a CUDA device.
         self.graphs = (not eager) and self.grouped and model.device.type == "cuda"
         self._graphs: dict = {}
-        self.step = StaticStep(model, compile=compile and self.grouped, attention=attention,
+        self.step = StaticStep(model, compile=compile and self.grouped, backend=compile_backend, attention=attention,
                                fused_router=self.moe == "triton" and route_supported(model.config.num_experts,
                                                                                      model.config.n_group))
         # the sampler's greedy choice, compiled with the step (``generate`` looks for greedy_pick)
-        self.greedy_pick = FusedGreedyPick() if compile and self.grouped else None
+        self.greedy_pick = FusedGreedyPick(compile_backend) if compile and self.grouped else None
+        self.precompiled: dict | None = None  # a background ``Precompile``'s report (``accelerate``)
 
     CACHE_QUANTUM = 512
     POOL = 4  # caches (and their graphs) kept for reuse across generations; warm_up raises it
@@ -677,18 +678,83 @@ class FastBackboneLogits:
         return entry
 
 
+class Precompile:
+    """The step parts' torch.compile, and the first builds of the fused Triton kernels, done in a
+    background thread on a small random model of the checkpoint's shapes (its dense layers and one
+    MoE layer, a tiny vocabulary) while the real weights load.
+
+    Cold, compiling the attention part alone takes ~14 s on an H200 host, the first request's largest
+    cost (benchmarks/RESULTS.md). The compiled parts are process-wide (``_shared_compiled``) and take
+    each layer's weights as arguments, so their guards see only shapes, dtypes and devices: the real
+    model's steps find these graphs and compile nothing. ``rows`` are the row buckets to compile, as
+    Dynamo specialises one row (a chat, an understanding) apart from several (CFG rows, batches);
+    the windows are the graph steps (32, 64 tokens) and one long prefill (the fused MoE's larger
+    tiles). Nothing here is captured in a CUDA graph: a capture would forbid the loading thread's
+    CUDA calls. ``join()`` waits and returns a report; failures are logged and reported, never raised
+    (the real steps then compile as they would have).
+    """
+
+    def __init__(self, config, device: torch.device | str, dtype: torch.dtype, *, moe: str = "auto",
+                 rows: tuple[int, ...] = (2, 1), backend: str = "inductor", prefill: int = 1040) -> None:
+        import threading
+        self.config, self.device, self.dtype = config, torch.device(device), dtype
+        self.moe, self.rows, self.backend, self.prefill = moe, tuple(rows), backend, prefill
+        self.report: dict = {}
+        self._thread = threading.Thread(target=self._run, name="llada2uni-precompile", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import dataclasses
+        import time
+
+        from .weights import random_backbone
+        t = time.perf_counter()
+        try:
+            cfg = self.config
+            small = dataclasses.replace(cfg, num_hidden_layers=cfg.first_k_dense_replace + 1, vocab_size=64,
+                                        image_token_offset=32)
+            model = random_backbone(small, device=self.device, dtype=self.dtype)
+            fast = FastBackboneLogits(model, eager=True, compile=True, moe=self.moe,
+                                      compile_backend=self.backend)
+            b = fast.block_length
+            for rows in self.rows:
+                cache = fast.new_cache(rows, self.prefill + 2 * b)
+                ids = torch.zeros(rows, self.prefill, dtype=torch.long, device=self.device)
+                pads = torch.zeros(rows, dtype=torch.long, device=self.device)
+                for window in (self.prefill, 2 * b, b):
+                    fast(ids[:, :window], 0, pads, cache, b)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.report = {"seconds": round(time.perf_counter() - t, 2), "compiled": fast.step.compiles}
+        except Exception as e:  # noqa: BLE001 - an optimisation: the real steps compile on their own
+            log.warning("background precompile failed (%s: %s); the first steps will compile instead",
+                        type(e).__name__, str(e)[:200])
+            self.report = {"seconds": round(time.perf_counter() - t, 2), "error": f"{type(e).__name__}: {e}"}
+
+    def join(self, timeout: float | None = None) -> dict:
+        """Wait for the background compile; its report (seconds, compiled graphs, or error)."""
+        self._thread.join(timeout)
+        return self.report
+
+
 def accelerate(pipe, *, eager: bool = False, compile_step: bool | None = None,
-               compile_decoder: bool | None = None, moe: str = "auto") -> bool:
+               compile_decoder: bool | None = None, moe: str = "auto",
+               precompile: Precompile | None = None) -> bool:
     """Give a pipeline the fast path: the fused (Triton) or grouped MoE dispatch (``moe``, see
     ``use_fast_moe``), CUDA graphs unless ``eager``, and on CUDA (unless switched off) torch.compile
     of the per-layer step (``StaticStep``) and of the DiT blocks.
+
+    ``precompile``: a ``Precompile`` started while the weights loaded; waited for here, so that no
+    step compiles while it still runs (its report: ``pipe.logits_fn.precompiled``).
 
     Returns whether a host-sync-free MoE dispatch is in use. ``pipe.logits_fn`` can be set back to a
     ``BackboneLogits`` to return to the clear path.
     """
     if compile_step is None:
         compile_step = (not eager) and pipe.model.device.type == "cuda"
+    report = precompile.join() if precompile is not None else None
     pipe.logits_fn = FastBackboneLogits(pipe.model, eager=eager, compile=compile_step, moe=moe)
+    pipe.logits_fn.precompiled = report or None
     if compile_decoder is None:
         compile_decoder = (not eager) and pipe.image_device.type == "cuda"
     pipe.compile_decoder = compile_decoder
@@ -721,6 +787,8 @@ def warm_up(pipe, *, max_rows: int = 64, size: tuple[int, int] | None = (1024, 1
         header = len(pipe.tokens.t2i_prompts("warm up", *grid)[0])
         image_lengths.append(header + grid[0] * grid[1] + 2 * fn.block_length)
     report = {"backbone": fn.warm_up(rows, tuple(lengths), tuple(image_lengths))}
+    if fn.precompiled:  # the step's compile, done in the background while the weights loaded
+        report["precompiled"] = fn.precompiled
     if grid is not None and getattr(pipe, "compile_decoder", False):
         try:
             decoder = pipe.image_decoder

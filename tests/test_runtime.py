@@ -506,3 +506,25 @@ def test_vocab_slice_step_returns_the_full_vocab_moments(tiny_model):
         if hasattr(m, "dispatch"):
             from llada2uni.ops.moe import experts_reference
             m.dispatch = experts_reference
+
+
+def test_background_precompile_leaves_the_real_steps_nothing_to_compile(tiny_model):
+    """``Precompile`` compiles the step parts in a thread on a small random model of the config's
+    shapes; the real model's steps (one row and several, graph windows and prefills) then reuse those
+    graphs: the compile count does not move, and the logits are the uncompiled step's."""
+    from llada2uni.runtime import Precompile, reset_compiled
+    reset_compiled()
+    report = Precompile(tiny_model.config, "cpu", torch.float32, backend="eager", prefill=100).join()
+    assert "error" not in report and report["compiled"] >= 4  # attention + combine, one row and several
+    eager = FastBackboneLogits(tiny_model, eager=True)
+    fast = FastBackboneLogits(tiny_model, eager=True, compile=True, compile_backend="eager")
+    before = fast.step.compiles
+    g = torch.Generator().manual_seed(3)
+    for rows, prompt in [(2, 75), (1, 40), (3, 130), (1, 97)]:
+        ids = torch.randint(0, tiny_model.config.vocab_size, (rows, prompt + 64), generator=g)
+        pads = torch.randint(0, 5, (rows,), generator=g)
+        start = prompt // 32 * 32
+        spans = [(0, start + 32), (start, start + 64), (start + 32, start + 64)]
+        for a, b in zip(_window_logits(eager, ids, pads, spans), _window_logits(fast, ids, pads, spans)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert fast.step.compiles == before
