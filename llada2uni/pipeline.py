@@ -187,11 +187,12 @@ class LLaDA2Uni:
              sprint: Sprint | None = None, on_block: Callable[[int, int], None] | None = None,
              on_tokens: Callable[[int, list[int]], None] | None = None,
              on_finish: Callable[[int, list[int]], None] | None = None,
-             admit: Callable[[int, int], list] | None = None) -> list[list[int]]:
+             admit: Callable[..., list] | None = None) -> list[list[int]]:
         # on_block(done, total): the sampler's per-block callback (the server's progress and abort);
         # on_tokens(request, ids): each request's committed ids after every block (streaming);
         # on_finish(request, ids): a request's result at the block boundary where it completes;
-        # admit(block, canvas_length): requests joining the running batch at that block boundary
+        # admit(block, canvas_length, fits): requests joining the running batch at that block's
+        # boundary (fits None) or between its steps (those fits(request) accepts; sampling.block)
         if block_length < 1:
             raise ValueError(f"block_length must be >= 1, got {block_length}")
         bar = None

@@ -154,10 +154,36 @@ def test_joining_a_running_batch_is_exact_on_the_backbone(pipe):
                           guidance=Guidance(kind="simple", scale=3.0))
     calls = []
 
-    def admit(block, length):
+    def admit(block, length, fits=None):
+        if fits is not None:  # at block boundaries only
+            return []
         calls.append(block)
         return [late] if len(calls) == 3 else []
     out = generate(pipe.logits_fn, [first], mask_id=mask, admit=admit)
     assert len(out.tokens) == 2
+    alone = [generate(pipe.logits_fn, [r], mask_id=mask).tokens[0] for r in (first, late)]
+    assert out.tokens == alone
+
+
+def test_joining_in_the_middle_of_a_block_is_exact_on_the_backbone(pipe):
+    # A T2I request joins between steps 1 and 2 of a block of the running understanding request (its
+    # prefill covers the finished blocks; it counts its own steps): same tokens as decoding it alone.
+    mask = pipe.tokens.ids.mask
+    first = DenoiseRequest(rows=[pipe.tokens.understand_prompt([(_image(pipe, 2, 2), 2, 2)], "Hi")],
+                           pad_lens=[0], gen_length=120, steps=4)
+    cond, uncond = pipe.tokens.t2i_prompts("a red cube", 2, 3)
+    rows, pads = align_rows([cond, uncond], mask)
+    lo, hi = pipe.image_token_offset, pipe.config.vocab_size
+    late = DenoiseRequest(rows=rows, pad_lens=pads, gen_length=6, steps=3, vocab=(lo, hi),
+                          guidance=Guidance(kind="simple", scale=3.0))
+    joined = []
+
+    def admit(block, length, fits=None):
+        if fits is None or joined or block < 2 or not fits(late):
+            return []
+        joined.append(block)
+        return [late]
+    out = generate(pipe.logits_fn, [first], mask_id=mask, admit=admit)
+    assert joined and len(out.tokens) == 2 and max(out.steps_per_block) <= 4
     alone = [generate(pipe.logits_fn, [r], mask_id=mask).tokens[0] for r in (first, late)]
     assert out.tokens == alone

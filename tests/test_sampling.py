@@ -365,7 +365,9 @@ def test_requests_joining_at_a_block_boundary_decode_as_alone(use_cache):
                            guidance=Guidance("simple", scale=2.0))]
     joined_at = []
 
-    def admit(block, length):
+    def admit(block, length, fits=None):
+        if fits is not None:  # at block boundaries only
+            return []
         if block == 3 and not joined_at:
             joined_at.append(block)
             return late
@@ -374,6 +376,35 @@ def test_requests_joining_at_a_block_boundary_decode_as_alone(use_cache):
     out = generate(model, [base], mask_id=MASK, block_length=B, use_cache=use_cache, admit=admit)
     assert joined_at == [3] and len(out.tokens) == 3
     alone = [generate(_ExtendableMock(), [r], mask_id=MASK, block_length=B).tokens[0] for r in [base, *late]]
+    assert out.tokens == alone
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_request_joins_mid_block_when_its_part_of_the_block_fills_in_time(use_cache):
+    """Two requests arrive before step 3 of block 2 (8 steps of one token): one whose part of that block
+    is a prompt tail with 4 masks (its schedule 3, 3, 2: 2 steps, so it joins now and counts its own
+    steps), one with 6 masks at one a step (3 + 6 > 8 steps: it waits for the boundary). Joining never
+    lengthens a block, and every request decodes as it would alone."""
+    base = DenoiseRequest(rows=[[1, 2, 3]], pad_lens=[0], gen_length=40, steps=8)
+    fits_now = DenoiseRequest(rows=[[4, 5, 6, 7]], pad_lens=[0], gen_length=10, steps=3)
+    waits = DenoiseRequest(rows=[[10, 11]], pad_lens=[0], gen_length=7, steps=8)
+    pending, joins, mid_calls = [], [], []
+
+    def admit(block, limit, fits=None):
+        if fits is not None and block == 2:
+            mid_calls.append(block)
+            if len(mid_calls) == 3 and not joins:  # both arrive before step 3
+                pending.extend([waits, fits_now])
+        taken = [r for r in pending if fits is None or fits(r)]
+        for r in taken:
+            pending.remove(r)
+            joins.append((r is fits_now, block, fits is None))
+        return taken
+    out = generate(_ExtendableMock(), [base], mask_id=MASK, block_length=B, use_cache=use_cache, admit=admit)
+    assert joins == [(True, 2, False), (False, 3, True)]  # mid-block, then at the next boundary
+    assert max(out.steps_per_block) <= 8
+    alone = [generate(_ExtendableMock(), [r], mask_id=MASK, block_length=B).tokens[0]
+             for r in (base, fits_now, waits)]  # results in join order
     assert out.tokens == alone
 
 
@@ -403,7 +434,9 @@ def test_finished_requests_leave_and_a_late_one_grows_the_canvas():
     canvas = max(admission_end(r, 0, B) for r in reqs)
     seen = []
 
-    def admit(block, limit):
+    def admit(block, limit, fits=None):
+        if fits is not None:  # at block boundaries only
+            return []
         seen.append((block, limit))
         return [late] if block == 2 else []
     model = _ContinuousMock()

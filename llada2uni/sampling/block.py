@@ -122,6 +122,24 @@ def admission_end(req: DenoiseRequest, block: int, block_length: int) -> int:
     return _ceil_to(lp + req.gen_length, block_length)
 
 
+def steps_to_fill(sched: list[int], masks: int) -> int:
+    """The most steps a block with ``masks`` positions to fill takes under the schedule ``sched``
+    (each step commits at least its count, or all that is left)."""
+    n = done = 0
+    while done < masks and n < len(sched):
+        done += sched[n]
+        n += 1
+    return n
+
+
+def masks_in_block(req: DenoiseRequest, block: int, block_length: int) -> int:
+    """Positions a request joining at ``block`` has to fill in that block (0: its first masked block
+    comes later)."""
+    lo, hi = block * block_length, (block + 1) * block_length
+    lp = admission_shift(req, block, block_length) + len(req.rows[0])
+    return max(0, min(hi, admission_end(req, block, block_length)) - max(lo, lp))
+
+
 def _output(row: torch.Tensor, plen: int, req: DenoiseRequest) -> list[int]:
     """A request's result: its generated region, cut after the first stop id (inclusive)."""
     out = row[plen: plen + req.gen_length].tolist()
@@ -143,10 +161,11 @@ def _batched(req: DenoiseRequest, sprint: Sprint | None) -> bool:
 
 
 def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], scheds: list[list[int]],
-          step: int, sprint: Sprint | None) -> list[list[int]]:
+          steps: list[int], sprint: Sprint | None) -> list[list[int]]:
     """The alive requests in forward order, grouped into runs of neighbours (adjacent logits rows) that
     take the same greedy step: same guidance, vocabulary, threshold, row count and commit count (with
-    SPRINT: steps and minimal_topk, its k being adaptive per request). A request that samples
+    SPRINT: steps and minimal_topk, its k being adaptive per request). ``steps[r]``: the step of its
+    block request r is at (one that joined mid-block counts from its join). A request that samples
     (temperature > 0: its own generator), or SPRINT ranking other than by confidence, runs alone."""
     runs, key_of_last = [], None
     for r in live:
@@ -157,7 +176,7 @@ def _runs(live: list[int], alive: list[bool], requests: list[DenoiseRequest], sc
         key = None
         if _batched(req, sprint):
             key = (req.guidance, req.vocab, req.threshold, len(req.rows),
-                   scheds[r][step] if sprint is None else (req.steps, req.minimal_topk))
+                   scheds[r][steps[r]] if sprint is None else (req.steps, req.minimal_topk))
         if key is not None and key == key_of_last:
             runs[-1].append(r)
         else:
@@ -237,7 +256,7 @@ def generate(
     image_offset: int | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
     on_finish: Callable[[int, list[int]], None] | None = None,
-    admit: Callable[[int, int], list[DenoiseRequest]] | None = None,
+    admit: Callable[[int, int, Any], list[DenoiseRequest]] | None = None,
 ) -> DenoiseOutput:
     """Fill each request's generation canvas by block diffusion; all requests share every forward.
 
@@ -246,6 +265,13 @@ def generate(
     queries against each layer's kept prefix keys after ``cache_warmup_steps`` steps.
     ``image_offset`` tells image keys (ids >= it) from text keys for pinning (None: all text).
     Editing guidance falls back to the baseline loop, as in the official code.
+
+    ``admit(block, limit, fits)``: requests that join the running batch (continuous batching; not
+    with SPRINT). At each block boundary ``fits`` is None: any request whose canvas ends within
+    ``limit`` may join. Between two steps of a block ``fits(req)`` says whether a request may join
+    now: its own part of the block (a prompt tail leaves the first block partial) fills by the
+    block's last scheduled step, so joining never makes a block longer. Either way a newcomer
+    decodes as it would alone.
     """
     B = block_length
     requests = list(requests)  # admitted requests are appended (their results follow, in that order)
@@ -317,67 +343,99 @@ def generate(
     live = list(range(len(requests)))  # requests in forward (and cache) row order
     row_forwards = 0
     b = first_block
-    while b < L // B:
-        lo, hi = b * B, (b + 1) * B
-        # Newcomers may grow the canvas up to what the cache already holds (no reallocation); a
-        # logits_fn without ``canvas_limit`` keeps the batch's canvas.
-        limit = logits_fn.canvas_limit(cache, L) if cache is not None and hasattr(logits_fn, "canvas_limit") else L
-        new = admit(b, limit) if can_admit else []
-        if new:
-            # Requests join at this block boundary. Whole blocks of left pads put each newcomer's
-            # first masked block at b or later; whole-block padding keeps every token's block and
-            # RoPE position, so it decodes exactly as it would alone. Its rows' KV of the finished
-            # prefix [0, valid) comes from one prefill forward of the newcomers alone.
-            for req in new:
-                _check(req)
-                if admission_end(req, b, B) > limit:
-                    raise ValueError(f"an admitted request ends at {admission_end(req, b, B)}, past the "
-                                     f"canvas limit ({limit})")
-            grown = max(L, *(admission_end(req, b, B) for req in new))
-            if grown > L:  # the running rows get inert trailing masks they never commit
-                x = torch.nn.functional.pad(x, (0, grown - L), value=mask_id)
-                todo = torch.nn.functional.pad(todo, (0, grown - L), value=False)
-                L = grown
-            x_new, pads_new, todo_new = place(new, b, n)
-            live += range(len(requests), len(requests) + len(new))
-            requests += new
-            stopped += [False] * len(new)
-            reported += [False] * len(new)
-            if cache is not None:
-                # new_rows: an unshared cache (a logits_fn may pool what new_cache returns)
-                extra = getattr(logits_fn, "new_rows", logits_fn.new_cache)(x_new.shape[0], L)
-                if valid > 0:
-                    logits_fn(x_new[:, :valid], 0, pads_new, extra, B)
-                    forwards += 1
-                    row_forwards += x_new.shape[0]
-                cache = logits_fn.extend_cache(cache, extra)
-            x = torch.cat([x, x_new])
-            todo = torch.cat([todo, todo_new])
-            pad_lens = torch.cat([pad_lens, pads_new])
-            n += x_new.shape[0]
-        # the forward's rows: each live request's rows, in cache order; offset[r] its first one
+
+    def join(new: list[DenoiseRequest], mid_block: bool) -> None:
+        """Requests join at block b: whole blocks of left pads put each newcomer's first masked block
+        at b or later; whole-block padding keeps every token's block and RoPE position, so it decodes
+        exactly as it would alone. Its rows' KV of the finished prefix [0, valid) comes from one
+        prefill forward of the newcomers alone. Mid-block (``mid_block``), each newcomer counts its
+        block's steps from now."""
+        nonlocal x, todo, pad_lens, L, n, cache, forwards, row_forwards
+        for req in new:
+            _check(req)
+            if admission_end(req, b, B) > limit:
+                raise ValueError(f"an admitted request ends at {admission_end(req, b, B)}, past the "
+                                 f"canvas limit ({limit})")
+        grown = max(L, *(admission_end(req, b, B) for req in new))
+        if grown > L:  # the running rows get inert trailing masks they never commit
+            x = torch.nn.functional.pad(x, (0, grown - L), value=mask_id)
+            todo = torch.nn.functional.pad(todo, (0, grown - L), value=False)
+            L = grown
+        x_new, pads_new, todo_new = place(new, b, n)
+        for r in range(len(requests), len(requests) + len(new)):
+            live.append(r)
+            if mid_block:
+                joined_at[r] = step
+        requests.extend(new)
+        stopped.extend([False] * len(new))
+        reported.extend([False] * len(new))
+        touched.extend([False] * len(new))
+        if cache is not None:
+            # new_rows: an unshared cache (a logits_fn may pool what new_cache returns)
+            extra = getattr(logits_fn, "new_rows", logits_fn.new_cache)(x_new.shape[0], L)
+            if valid > 0:
+                logits_fn(x_new[:, :valid], 0, pads_new, extra, B)
+                forwards += 1
+                row_forwards += x_new.shape[0]
+            cache = logits_fn.extend_cache(cache, extra)
+        x = torch.cat([x, x_new])
+        todo = torch.cat([todo, todo_new])
+        pad_lens = torch.cat([pad_lens, pads_new])
+        n += x_new.shape[0]
+
+    def layout():
+        """The forward's rows: each live request's rows, in cache order (offset[r] its first one), and
+        whether every request in it is greedy over one vocabulary slice (image canvases): a logits_fn
+        that can may then compute only those logits, with the full vocabulary's moments for
+        cfg_rescale. With SPRINT, not the forward that returns the newly final positions' logits too:
+        their confidence is a softmax over the whole vocabulary."""
         offset, row_idx = {}, []
         for r in live:
             offset[r] = len(row_idx)
             row_idx += range(first[r], first[r] + len(requests[r].rows))
         every_row = len(row_idx) == n
-        row_index = None if every_row else index(row_idx)
-        # Every request in the forward greedy over one vocabulary slice (image canvases): a logits_fn
-        # that can may compute only those logits, with the full vocabulary's moments for cfg_rescale.
-        # With SPRINT, not the forward that returns the newly final positions' logits too: their
-        # confidence is a softmax over the whole vocabulary.
         slice_vocab = None
         if cache is not None and getattr(logits_fn, "vocab_slices", False):
             vocabs = {requests[r].vocab for r in live}
             if len(vocabs) == 1 and None not in vocabs and all(_batched(requests[r], sprint) for r in live):
                 slice_vocab = vocabs.pop()
+        return offset, every_row, (None if every_row else index(row_idx)), slice_vocab
+
+    while b < L // B:
+        lo, hi = b * B, (b + 1) * B
+        # Newcomers may grow the canvas up to what the cache already holds (no reallocation); a
+        # logits_fn without ``canvas_limit`` keeps the batch's canvas.
+        limit = logits_fn.canvas_limit(cache, L) if cache is not None and hasattr(logits_fn, "canvas_limit") else L
         step = 0
         touched = [False] * len(requests)
+        # A request may join in the middle of the block when its own part of it (a prompt's tail
+        # leaves the first block partial) fills by the block's last scheduled step (``bound``), so
+        # it never makes the block longer; it runs its own steps from joined_at[r] on.
+        joined_at: dict[int, int] = {}
+        new = admit(b, limit, None) if can_admit else []
+        if new:
+            join(new, mid_block=False)
+        offset, every_row, row_index, slice_vocab = layout()
         pruned_view = False  # SPRINT: the block's queries see the kept prefix keys only
+        bound = 0  # the block's last scheduled step + 1, over the requests in it
         while True:
-            alive = todo[:, lo:hi].any(1).tolist()
+            if step == 0:
+                left = todo[:, lo:hi].sum(1).tolist()  # positions to fill per request (one host sync)
+                alive = [c > 0 for c in left]
+                bound = max((steps_to_fill(scheds[r], left[r]) for r in live if alive[r]), default=0)
+            else:
+                if can_admit and not pruned_view and step < bound:
+                    def fits(req: DenoiseRequest) -> bool:
+                        m = masks_in_block(req, b, B)
+                        return m > 0 and step + steps_to_fill(tokens_per_step(B, req.steps), m) <= bound
+                    new = admit(b, limit, fits)
+                    if new:
+                        join(new, mid_block=True)
+                        offset, every_row, row_index, slice_vocab = layout()
+                alive = todo[:, lo:hi].any(1).tolist()
             if not any(alive):
                 break
+            own = [step - joined_at.get(r, 0) for r in range(len(requests))]  # each request's step
             if pruned_view:
                 start, num_logits = lo, B
             else:
@@ -405,11 +463,11 @@ def generate(
                     logits = logits[:, lo - start:].contiguous()
             if cache is not None:
                 valid = lo
-            for run in _runs(live, alive, requests, scheds, step, sprint):
+            for run in _runs(live, alive, requests, scheds, own, sprint):
                 if _batched(requests[run[0]], sprint):  # greedy requests of one kind: one batched step
                     if sprint is None:
-                        _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, scheds[run[0]][step],
-                                     pick, moments, None, index)
+                        _greedy_step(run, requests, logits, offset, first, todo, x, lo, hi,
+                                     scheds[run[0]][own[run[0]]], pick, moments, None, index)
                     else:  # SPRINT's greedy step ranked by confidence
                         _sprint_greedy_step(run, requests, logits, offset, first, todo, x, lo, hi, step, pick,
                                             moments, index)
@@ -428,7 +486,7 @@ def generate(
                     pred, conf = sample_tokens(g, req.temperature, req.top_k, req.top_p, req.generator)
                     # A request finishes its block in <= len(sched) steps: each step commits sched[step]
                     # or all that is left, and the schedule sums to B.
-                    commit = select_transfer(conf, active, scheds[r][step], req.threshold)  # [B]
+                    commit = select_transfer(conf, active, scheds[r][own[r]], req.threshold)  # [B]
                 else:
                     # The official adaptive step: k by the ranking, plus every position whose top-1
                     # probability passes the threshold; at the last step k is all that is left.

@@ -376,10 +376,12 @@ class Scheduler:
         block_length, sprint = live[0].payload[1]
         progress = _BlockProgress(live, block_length)
 
-        def admit(block: int, length: int) -> list[DenoiseRequest]:
-            """Waiting denoising jobs join the running batch at this block boundary when they fit: in
-            ``max_batch`` beside the jobs still denoising (delivered ones have left the forward), and
-            within ``length``, as far as the running canvas may grow."""
+        def admit(block: int, length: int, fits: Callable[[DenoiseRequest], bool] | None = None
+                  ) -> list[DenoiseRequest]:
+            """Waiting denoising jobs join the running batch at this block's boundary, or between its
+            steps where ``fits`` accepts every request of the job (the sampler's rule), when they fit:
+            in ``max_batch`` beside the jobs still denoising (delivered ones have left the forward),
+            and within ``length``, as far as the running canvas may grow."""
             taken = []
             with self._cond:
                 size = sum(item.size for item in live if not item.future.done())
@@ -390,6 +392,8 @@ class Scheduler:
                         break
                     if any(admission_end(r, block, block_length) > length for r in item.payload[0]):
                         continue  # its canvas would run past this batch's: next batch
+                    if fits is not None and not all(fits(r) for r in item.payload[0]):
+                        continue  # not in the middle of this block: at the next boundary
                     self._queue.remove(item)
                     taken.append(item)
                     size += item.size
@@ -455,7 +459,7 @@ class _BlockProgress:
 
     def __init__(self, items: list[_Work], block_length: int) -> None:
         self.block_length = block_length
-        self.admit = None  # set by the scheduler: jobs joining at block boundaries
+        self.admit = None  # set by the scheduler: jobs joining the running batch
         self.items, self.spans, self.sent = [], [], []
         # request index -> (item, text request?) for the committed-token events of streaming text
         self.owner, self.offsets, self.results = [], [], []
