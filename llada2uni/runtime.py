@@ -479,8 +479,12 @@ class FastBackboneLogits:
                            device=self.model.device, dtype=self.model.dtype)
 
     def new_rows(self, rows: int, max_len: int) -> KVCache:
-        """An unpooled cache for rows joining a running batch (``new_cache`` may hand out its pool)."""
-        return self._cache(rows, self.length_bucket(max_len))
+        """An unpooled cache for rows joining a running batch (``new_cache`` may hand out its pool).
+        Its prefill runs without a CUDA graph: a graph is tied to its cache's buffers, and this one is
+        used once."""
+        cache = self._cache(rows, self.length_bucket(max_len))
+        cache.graphed = False
+        return cache
 
     def extend_cache(self, cache: KVCache, extra: KVCache) -> KVCache:
         """The running batch's cache plus the joining rows: in place when they fit its row bucket (its
@@ -568,6 +572,7 @@ class FastBackboneLogits:
         rows = ids.shape[0]
         if rows > cache.rows:
             raise ValueError(f"{rows} rows do not fit a cache of {cache.rows}")
+        graphed = self.graphs and getattr(cache, "graphed", True) and ids.shape[1] in self.GRAPH_WINDOWS
         view = cache.view
         if view is not None:
             if not isinstance(view, _FastView):
@@ -583,7 +588,7 @@ class FastBackboneLogits:
             self.step.lm_head_moments()  # made once, outside any graph capture
         # A graph is tied to the K/V buffers it was captured on (a cache's, or its SPRINT view's).
         key = (ids.shape[0], ids.shape[1], num_logits, id(cache.k), vocab)
-        if not self.graphs or ids.shape[1] not in self.GRAPH_WINDOWS:
+        if not graphed:
             out = self.step(ids, positions, write_index, key_ok, kv_lim, cache, num_logits, fp32=False, vocab=vocab)
         else:
             graph = self._graphs.get(key)

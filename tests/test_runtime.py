@@ -66,6 +66,36 @@ def test_cuda_graph_tokens_equal_eager_tokens(tiny_dir):
 
 
 @pytest.mark.gpu
+def test_joining_rows_prefill_without_a_graph_and_decode_as_alone(tiny_dir):
+    """Rows joining a running batch (at a boundary and mid-block) prefill 32- and 64-token windows on a
+    cache of their own, used once: no graph is captured on it (it would be kept, and leak); every
+    graph belongs to a pooled cache; the tokens are those of each request alone."""
+    from llada2uni.sampling.block import DenoiseRequest, generate
+    pipe = LLaDA2Uni.from_pretrained(tiny_dir, device="cuda", dtype="bfloat16", fast=False)
+    accelerate(pipe, eager=False, compile_step=False)
+    fast, mask = pipe.logits_fn, pipe.tokens.ids.mask
+
+    def text(q, n=64):
+        return DenoiseRequest(rows=[pipe.tokens.chat_prompt([{"role": "user", "content": q}])], pad_lens=[0], gen_length=n, steps=4)
+    start, late = [text("Hi", 160)], [text("late one", 40), text("and another", 40)]
+    offered = []
+
+    def admit(block, length, fits=None):
+        if block >= 2 and late and (fits is None or all(fits(r) for r in late[:1])):
+            offered.append((block, fits is None))
+            return [late.pop(0)]
+        return []
+    out = generate(fast, start, mask_id=mask, admit=admit)
+    assert len(offered) == 2
+    pooled = {id(c.k) for c in fast._pool.values()}
+    assert fast._graphs and {key[3] for key in fast._graphs} <= pooled
+    accelerate(pipe, eager=True)
+    alone = [generate(pipe.logits_fn, [r], mask_id=mask).tokens[0]
+             for r in (start[0], text("late one", 40), text("and another", 40))]
+    assert out.tokens == alone
+
+
+@pytest.mark.gpu
 def test_grouped_moe_matches_reference_on_gpu():
     from llada2uni.ops.moe import experts_grouped, experts_reference
     for n, e, k in [(64, 256, 8), (1024, 256, 8), (7, 64, 4)]:

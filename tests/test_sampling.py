@@ -382,13 +382,14 @@ def test_requests_joining_at_a_block_boundary_decode_as_alone(use_cache):
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_a_request_joins_mid_block_when_its_part_of_the_block_fills_in_time(use_cache):
     """Two requests arrive before step 3 of block 2 (8 steps of one token): one whose part of that block
-    is a prompt tail with 4 masks (its schedule 3, 3, 2: 2 steps, so it joins now and counts its own
+    is a prompt tail with 4 masks (its prefill skips its pad block) (its schedule 3, 3, 2: 2 steps, so it joins now and counts its own
     steps), one with 6 masks at one a step (3 + 6 > 8 steps: it waits for the boundary). Joining never
     lengthens a block, and every request decodes as it would alone."""
     base = DenoiseRequest(rows=[[1, 2, 3]], pad_lens=[0], gen_length=40, steps=8)
-    fits_now = DenoiseRequest(rows=[[4, 5, 6, 7]], pad_lens=[0], gen_length=10, steps=3)
+    fits_now = DenoiseRequest(rows=[[4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]], pad_lens=[0], gen_length=10,
+                              steps=3)  # 12 tokens: a whole block of left pad, then 20 + 4 masks
     waits = DenoiseRequest(rows=[[10, 11]], pad_lens=[0], gen_length=7, steps=8)
-    pending, joins, mid_calls = [], [], []
+    pending, joins, mid_calls, calls_then = [], [], [], []
 
     def admit(block, limit, fits=None):
         if fits is not None and block == 2:
@@ -399,9 +400,14 @@ def test_a_request_joins_mid_block_when_its_part_of_the_block_fills_in_time(use_
         for r in taken:
             pending.remove(r)
             joins.append((r is fits_now, block, fits is None))
+            calls_then.append(len(model.calls))
         return taken
-    out = generate(_ExtendableMock(), [base], mask_id=MASK, block_length=B, use_cache=use_cache, admit=admit)
+    model = _ExtendableMock()
+    out = generate(model, [base], mask_id=MASK, block_length=B, use_cache=use_cache, admit=admit)
     assert joins == [(True, 2, False), (False, 3, True)]  # mid-block, then at the next boundary
+    if use_cache:  # its prefill: the finished block after its whole block of pads ([B, 2B)), its row alone
+        start, ids = model.calls[calls_then[0]]  # the forward right after it joined
+        assert (start, tuple(ids.shape)) == (B, (1, B))
     assert max(out.steps_per_block) <= 8
     alone = [generate(_ExtendableMock(), [r], mask_id=MASK, block_length=B).tokens[0]
              for r in (base, fits_now, waits)]  # results in join order

@@ -348,7 +348,7 @@ def generate(
         """Requests join at block b: whole blocks of left pads put each newcomer's first masked block
         at b or later; whole-block padding keeps every token's block and RoPE position, so it decodes
         exactly as it would alone. Its rows' KV of the finished prefix [0, valid) comes from one
-        prefill forward of the newcomers alone. Mid-block (``mid_block``), each newcomer counts its
+        prefill forward of the newcomers alone (from their first non-pad block). Mid-block (``mid_block``), each newcomer counts its
         block's steps from now."""
         nonlocal x, todo, pad_lens, L, n, cache, forwards, row_forwards
         for req in new:
@@ -373,8 +373,11 @@ def generate(
         if cache is not None:
             # new_rows: an unshared cache (a logits_fn may pool what new_cache returns)
             extra = getattr(logits_fn, "new_rows", logits_fn.new_cache)(x_new.shape[0], L)
-            if valid > 0:
-                logits_fn(x_new[:, :valid], 0, pads_new, extra, B)
+            # The prefill skips the whole blocks of left pads before the first newcomer's prompt:
+            # their keys are invisible to every query (the pad mask), so nothing needs their KV.
+            skip = min(admission_shift(req, b, B) for req in new)
+            if valid > skip:
+                logits_fn(x_new[:, skip:valid], skip, pads_new, extra, B)
                 forwards += 1
                 row_forwards += x_new.shape[0]
             cache = logits_fn.extend_cache(cache, extra)
