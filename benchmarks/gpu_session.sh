@@ -18,7 +18,7 @@ for what in "$@"; do
           2>&1 | tee "$OUT/cpu_tests_on_gpu_box.log" | tail -3 ;;
     load)  # the sweep: chat (32 steps, 128 tokens) and T2I 512 px at 1, 8, 32, 64 clients
       timeout 400 python3 benchmarks/load_test.py --full --device cuda --task chat,t2i --size 512x512 --steps 32 --t2i-steps 8 \
-          --max-tokens 128 --clients 1,8,32,64 --requests 8 --requests-per-client 2 --max-queue 128 --warmup 0 \
+          --max-tokens 128 --clients 1,8,32,64 --requests 8 --requests-per-client 4 --max-queue 128 --warmup 0 \
           2>&1 | tee "$OUT/load_test.log" | tail -14 ;;
     batch)  # a batch through the sampler: the fused greedy pick vs the reference, forward vs other time
       timeout 240 python3 benchmarks/bench_batch.py --requests 1,32 2>&1 | tee "$OUT/bench_batch.log" | tail -10 ;;

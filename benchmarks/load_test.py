@@ -13,7 +13,11 @@ exits 1 if anything was lost or a batch failed.
 
     python benchmarks/load_test.py                                  # tiny, CPU, 64 clients
     python benchmarks/load_test.py --full --device cuda --task chat,t2i --clients 1,8,32,64 \
-        --size 512x512 --steps 32 --max-tokens 128 --requests 8 --requests-per-client 2
+        --size 512x512 --steps 32 --max-tokens 128 --requests 8 --requests-per-client 4
+
+Closed-loop clients: each sends its next request when the last is answered. With few requests per
+client, ramp-up (all start at once) and drain (the last ones finish in an emptying batch) weigh on a
+level's requests/s; 4 per client measures closer to the steady state (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
