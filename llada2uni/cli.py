@@ -104,7 +104,7 @@ def _sprint_kwargs(args) -> dict:
 
 def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
-    path = make_tiny(args.dir, seed=args.seed, overwrite=args.overwrite)
+    path = make_tiny(args.dir, seed=args.seed, overwrite=args.overwrite, fp8=args.fp8)
     print(f"tiny checkpoint written to {path}")
     return 0
 
@@ -200,7 +200,7 @@ def cmd_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "tiny-checkpoint"
     # Random weights almost never write <boi>; a boosted head row lets the thinking phase reach it.
-    make_tiny(ckpt, seed=args.seed, overwrite=True, boosts={"<boi>": 4.0})
+    make_tiny(ckpt, seed=args.seed, overwrite=True, boosts={"<boi>": 4.0}, fp8=getattr(args, "fp8", False))
     pipe = LLaDA2Uni.from_pretrained(ckpt, device=args.device, dtype=args.dtype)
     pipe.progress = not args.quiet
     report: dict = {"note": "random tiny weights: texts and images are noise by design"}
@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--fp8", action="store_true",
+                   help="the backbone in the FP8 checkpoint's layout (block FP8 e4m3, 128x128 scale_inv)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("t2i", help="text to image (defaults of the official t2i_generate.py)")
@@ -363,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp8", action="store_true", help="the tiny backbone in the FP8 checkpoint's layout")
     p.set_defaults(func=cmd_demo)
     return parser
 

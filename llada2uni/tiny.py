@@ -106,15 +106,25 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
     return torch.randn(shape, generator=gen) / fan_in ** 0.5
 
 
-def write_backbone_shards(directory: Path, config: BackboneConfig, seed: int, num_shards: int = 3) -> None:
-    """Seeded random backbone weights as sharded safetensors with the official names and index."""
+def write_backbone_shards(directory: Path, config: BackboneConfig, seed: int, num_shards: int = 3,
+                          fp8_block: tuple[int, int] | None = None) -> None:
+    """Seeded random backbone weights as sharded safetensors with the official names and index.
+
+    ``fp8_block`` (rows, cols): the linear weights of attention and the MLPs as block FP8 (e4m3) with
+    a ``weight_scale_inv`` per block, DeepSeek-V3's layout (``quant.py``); the rest stays bf16. The
+    same seed gives the same bf16 weights before quantization."""
     from safetensors.torch import save_file
 
     from .models.backbone import remap
+    from .quant import quantizable, quantize_blockwise
 
     gen = torch.Generator().manual_seed(seed)
-    names = list(remap(config))
     tensors = {n: _random_tensor(n, t.shape, gen).to(torch.bfloat16) for n, t in remap(config).items()}
+    if fp8_block is not None:
+        for n in [n for n in tensors if quantizable(n)]:
+            tensors[n], tensors[n.removesuffix("weight") + "weight_scale_inv"] = \
+                quantize_blockwise(tensors[n], fp8_block)
+    names = list(tensors)
     per_shard = -(-len(names) // num_shards)
     weight_map, total = {}, 0
     for s in range(num_shards):
@@ -152,11 +162,14 @@ def boost_tokens(directory: str | Path, boosts: dict[str, float]) -> None:
 
 
 def make_tiny(directory: str | Path, seed: int = 0, *, overwrite: bool = False,
-              boosts: dict[str, float] | None = None, image_side: bool = True) -> Path:
+              boosts: dict[str, float] | None = None, image_side: bool = True,
+              fp8: bool | tuple[int, int] = False) -> Path:
     """Write a complete tiny checkpoint in the official layout to ``directory``; return its path.
 
     ``boosts`` scales the head rows of named special tokens (``boost_tokens``). ``image_side=False``
     writes the backbone and tokenizer only (no image tokenizer, decoders or VAE; no diffusers needed).
+    ``fp8``: the backbone in the FP8 checkpoint's layout (block FP8, 128 x 128 blocks, or the given
+    (rows, cols)), with its ``quantization_config``.
 
     Written into a temporary sibling folder first and renamed at the end, so an interrupted run
     never leaves a half-written checkpoint behind.
@@ -171,8 +184,13 @@ def make_tiny(directory: str | Path, seed: int = 0, *, overwrite: bool = False,
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         config = tiny_config()
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        write_backbone_shards(tmp, config, seed)
+        raw = config.to_dict()
+        block = None if fp8 is False else (128, 128) if fp8 is True else tuple(fp8)
+        if block is not None:  # as DeepSeek-V3 writes it (the official FP8 checkpoint's is not public)
+            raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                          "weight_block_size": list(block)}
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        write_backbone_shards(tmp, config, seed, fp8_block=block)
         write_tiny_tokenizer(tmp)
         if image_side:
             (tmp / "image_tokenizer").mkdir()

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -127,16 +128,50 @@ def materialize(model: nn.Module, device: torch.device, dtype_of: Callable[[str]
         setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
 
 
+def tensor_meta(files: dict[str, Path]) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """Safetensors dtype (e.g. "BF16", "F8_E4M3") and shape of every tensor, from the shard headers."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    dtypes, shapes = {}, {}
+    for path, names in by_file.items():
+        with _open(path, safe_open) as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"tensor {name} is listed in the index for {path.name} but not in it")
+                sl = f.get_slice(name)
+                dtypes[name], shapes[name] = sl.get_dtype(), tuple(sl.get_shape())
+    return dtypes, shapes
+
+
 def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: torch.device,
-                    dtype_of: Callable[[str], torch.dtype], optional: tuple[str, ...] = ()) -> None:
+                    dtype_of: Callable[[str], torch.dtype], optional: tuple[str, ...] = (),
+                    quant_config: dict | None = None) -> None:
     """Fill a meta-built ``model`` from the shards in ``directory``.
 
     ``plan`` maps checkpoint names to targets with ``param``, ``index`` and ``shape``. Names ending
-    in one of ``optional`` may be absent (zero-filled, with a warning).
+    in one of ``optional`` may be absent (zero-filled, with a warning). FP8 weights (the layout found
+    by ``quant.discover`` from ``quant_config`` and the tensors themselves) are dequantized into their
+    targets' dtype; their scales are consumed.
     """
     from safetensors import safe_open
 
-    files = shard_map(directory)
+    from .quant import IGNORED_SUFFIXES, FP8_DTYPES, QuantError, dequantize, discover
+
+    files_all = files = shard_map(directory)
+    dtypes, shapes = tensor_meta(files)
+    try:
+        layout = discover(quant_config, dtypes, shapes)
+    except QuantError as e:
+        raise CheckpointError(f"checkpoint {directory}: {e}") from None
+    if layout is not None:
+        log.info("FP8 checkpoint (%s scales%s): dequantizing into the model's dtype", layout.scheme,
+                 f" {layout.block[0]}x{layout.block[1]}" if layout.block else "")
+        scales = {layout.scale_name(n) for n, d in dtypes.items() if d in FP8_DTYPES}
+        files = {n: p for n, p in files.items() if n not in scales and not n.endswith(IGNORED_SUFFIXES)}
     expected = set(plan)
     unexpected = sorted(set(files) - expected)
     missing = sorted(n for n in expected - set(files) if not n.endswith(optional))
@@ -161,19 +196,30 @@ def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: to
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
-    with torch.no_grad():
+    with torch.no_grad(), ExitStack() as stack:
+        handles: dict[Path, object] = {}
+
+        def shard(path: Path):  # each shard opened once (scales may sit in another shard)
+            if path not in handles:
+                handles[path] = stack.enter_context(_open(path, safe_open))
+            return handles[path]
         for path, names in by_file.items():
-            with _open(path, safe_open) as f:
-                for name in names:
-                    target = plan[name]
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if shape != tuple(target.shape):
-                        raise CheckpointError(f"tensor {name} in {path.name} has shape {list(shape)}, "
-                                              f"expected {list(target.shape)}")
-                    dest = params[target.param]
-                    if target.index is not None:
-                        dest = dest[target.index]
-                    dest.copy_(f.get_tensor(name))
+            f = shard(path)
+            for name in names:
+                target = plan[name]
+                shape = shapes[name]
+                if shape != tuple(target.shape):
+                    raise CheckpointError(f"tensor {name} in {path.name} has shape {list(shape)}, "
+                                          f"expected {list(target.shape)}")
+                dest = params[target.param]
+                if target.index is not None:
+                    dest = dest[target.index]
+                tensor = f.get_tensor(name)
+                if dtypes[name] in FP8_DTYPES:
+                    scale_name = layout.scale_name(name)
+                    scale = shard(files_all[scale_name]).get_tensor(scale_name)
+                    tensor = dequantize(tensor, scale, layout, dest.dtype)
+                dest.copy_(tensor)
         for name in sorted(expected - set(files)):
             log.warning("%s not in the checkpoint: using zeros", name)
             target = plan[name]
@@ -186,11 +232,15 @@ def load_backbone(directory: Path, *, device: torch.device, dtype: torch.dtype):
     from .config import BackboneConfig
     from .models.backbone import OPTIONAL_SUFFIXES, LLaDA2MoeForLM, param_dtype, remap
 
-    config = BackboneConfig.from_file(directory / "config.json")
+    from .config import read_json
+
+    raw = read_json(directory / "config.json", "config file")
+    config = BackboneConfig.from_dict(raw)
     with torch.device("meta"):
         model = LLaDA2MoeForLM(config)
     load_checkpoint(model, directory, remap(config), device=device,
-                    dtype_of=lambda name: param_dtype(name, dtype), optional=OPTIONAL_SUFFIXES)
+                    dtype_of=lambda name: param_dtype(name, dtype), optional=OPTIONAL_SUFFIXES,
+                    quant_config=raw.get("quantization_config"))
     return model.eval()
 
 
