@@ -129,9 +129,15 @@ def check(layout: Fp8Layout, dtypes: dict[str, str], shapes: dict[str, tuple[int
             if dtypes[scale] not in ("F32", "BF16", "F16"):
                 raise QuantError(f"tensor {scale} is {dtypes[scale]}: a scale must be a float tensor")
         elif name.endswith(SCALE_SUFFIXES):
-            weight = re.sub(r"(weight_scale_inv|weight_scale)$", "weight", name)
+            weight = next(name.removesuffix(s) for s in SCALE_SUFFIXES if name.endswith(s)) + "weight"
             if dtypes.get(weight) not in FP8_DTYPES:
                 raise QuantError(f"tensor {name} is a scale, but {weight} is not an FP8 weight")
+
+
+def _per_element(scale: Tensor, block: tuple[int, int], shape: tuple[int, int]) -> Tensor:
+    """Block scales [ceil(out/bm), ceil(in/bn)] spread over the weight's [out, in] elements."""
+    bm, bn = block
+    return scale.repeat_interleave(bm, 0)[: shape[0]].repeat_interleave(bn, 1)[:, : shape[1]]
 
 
 def dequantize(weight: Tensor, scale: Tensor, layout: Fp8Layout, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -139,8 +145,7 @@ def dequantize(weight: Tensor, scale: Tensor, layout: Fp8Layout, dtype: torch.dt
     w = weight.to(torch.float32)
     s = scale.to(torch.float32)
     if layout.scheme == "block":
-        bm, bn = layout.block
-        s = s.repeat_interleave(bm, 0)[: w.shape[0]].repeat_interleave(bn, 1)[:, : w.shape[1]]
+        s = _per_element(s, layout.block, w.shape)
     elif layout.scheme == "channel":
         s = s.reshape(-1, 1)
     return (w * s).to(dtype)
@@ -157,5 +162,4 @@ def quantize_blockwise(weight: Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
     pad[:out, :inp] = w.abs()
     amax = pad.view(pad.shape[0] // bm, bm, pad.shape[1] // bn, bn).amax(dim=(1, 3))
     scale = (amax / torch.finfo(dtype).max).clamp(min=1e-12)
-    full = scale.repeat_interleave(bm, 0)[:out].repeat_interleave(bn, 1)[:, :inp]
-    return (w / full).to(dtype), scale
+    return (w / _per_element(scale, block, (out, inp))).to(dtype), scale

@@ -128,13 +128,19 @@ def materialize(model: nn.Module, device: torch.device, dtype_of: Callable[[str]
         setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
 
 
+def _by_shard(files: dict[str, Path]) -> dict[Path, list[str]]:
+    """Tensor names grouped by the shard that holds them, in index order."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    return by_file
+
+
 def tensor_meta(files: dict[str, Path]) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     """Safetensors dtype (e.g. "BF16", "F8_E4M3") and shape of every tensor, from the shard headers."""
     from safetensors import safe_open
 
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
+    by_file = _by_shard(files)
     dtypes, shapes = {}, {}
     for path, names in by_file.items():
         with _open(path, safe_open) as f:
@@ -193,9 +199,7 @@ def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: to
 
     materialize(model, device, dtype_of)
     params = dict(model.named_parameters())
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
+    by_file = _by_shard(files)
     with torch.no_grad(), ExitStack() as stack:
         handles: dict[Path, object] = {}
 

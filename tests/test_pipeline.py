@@ -142,8 +142,8 @@ def test_block_length_reaches_the_attention_mask(pipe):
     assert got == expected
 
 
-def test_joining_a_running_batch_is_exact_on_the_backbone(pipe):
-    # Whole-block left padding + a prefill of the newcomer's rows: same tokens as decoding it alone.
+def _understanding_and_a_late_t2i(pipe):
+    """(mask id, a running understanding request, a T2I request with CFG rows that joins it)."""
     mask = pipe.tokens.ids.mask
     first = DenoiseRequest(rows=[pipe.tokens.understand_prompt([(_image(pipe, 2, 2), 2, 2)], "Hi")],
                            pad_lens=[0], gen_length=120, steps=4)
@@ -152,6 +152,12 @@ def test_joining_a_running_batch_is_exact_on_the_backbone(pipe):
     lo, hi = pipe.image_token_offset, pipe.config.vocab_size
     late = DenoiseRequest(rows=rows, pad_lens=pads, gen_length=6, steps=3, vocab=(lo, hi),
                           guidance=Guidance(kind="simple", scale=3.0))
+    return mask, first, late
+
+
+def test_joining_a_running_batch_is_exact_on_the_backbone(pipe):
+    # Whole-block left padding + a prefill of the newcomer's rows: same tokens as decoding it alone.
+    mask, first, late = _understanding_and_a_late_t2i(pipe)
     calls = []
 
     def admit(block, length, fits=None):
@@ -168,14 +174,7 @@ def test_joining_a_running_batch_is_exact_on_the_backbone(pipe):
 def test_joining_in_the_middle_of_a_block_is_exact_on_the_backbone(pipe):
     # A T2I request joins between steps 1 and 2 of a block of the running understanding request (its
     # prefill covers the finished blocks; it counts its own steps): same tokens as decoding it alone.
-    mask = pipe.tokens.ids.mask
-    first = DenoiseRequest(rows=[pipe.tokens.understand_prompt([(_image(pipe, 2, 2), 2, 2)], "Hi")],
-                           pad_lens=[0], gen_length=120, steps=4)
-    cond, uncond = pipe.tokens.t2i_prompts("a red cube", 2, 3)
-    rows, pads = align_rows([cond, uncond], mask)
-    lo, hi = pipe.image_token_offset, pipe.config.vocab_size
-    late = DenoiseRequest(rows=rows, pad_lens=pads, gen_length=6, steps=3, vocab=(lo, hi),
-                          guidance=Guidance(kind="simple", scale=3.0))
+    mask, first, late = _understanding_and_a_late_t2i(pipe)
     joined = []
 
     def admit(block, length, fits=None):

@@ -348,8 +348,8 @@ def generate(
         """Requests join at block b: whole blocks of left pads put each newcomer's first masked block
         at b or later; whole-block padding keeps every token's block and RoPE position, so it decodes
         exactly as it would alone. Its rows' KV of the finished prefix [0, valid) comes from one
-        prefill forward of the newcomers alone (from their first non-pad block). Mid-block (``mid_block``), each newcomer counts its
-        block's steps from now."""
+        prefill forward of the newcomers alone (from their first non-pad block). Mid-block
+        (``mid_block``), each newcomer counts its block's steps from now."""
         nonlocal x, todo, pad_lens, L, n, cache, forwards, row_forwards
         for req in new:
             _check(req)
