@@ -21,7 +21,7 @@ from .sampling.block import DenoiseRequest, generate
 from .sampling.guidance import Guidance
 from .sampling.sprint import Sprint, supports
 from .tokens import Tokens, TokenError, align_rows
-from .weights import load_backbone, resolve_checkpoint, resolve_device, resolve_dtype
+from .weights import backbone_quant, load_backbone, resolve_checkpoint, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +96,22 @@ class LLaDA2Uni:
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, revision: str | None = None,
                         keep_decoder: bool = True, image_device: str | torch.device | None = None,
-                        fast: bool = True) -> "LLaDA2Uni":
-        """Load from a local folder or a Hub repo id. ``dtype`` defaults to bfloat16 (float32 on CPU)."""
+                        fast: bool = True, quant: str | None = None) -> "LLaDA2Uni":
+        """Load from a local folder or a Hub repo id. ``dtype`` defaults to bfloat16 (float32 on CPU).
+
+        ``quant``: how the backbone's linear weights are kept ("auto": an FP8 checkpoint as FP8, a
+        bf16 one as bf16; "none": full precision; "fp8", "fp8-channel", "int8": quantized while
+        loading, see ``quant.py``)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, default=torch.bfloat16 if dev.type == "cuda" else torch.float32)
         directory = resolve_checkpoint(path_or_repo, revision=revision)
+        mode = backbone_quant(directory, quant, dev)
         precompile = None
         if fast and dev.type == "cuda":  # the fast path's compile runs while the weights load
             from .config import BackboneConfig
             from .runtime import Precompile
-            precompile = Precompile(BackboneConfig.from_file(directory / "config.json"), dev, dt)
-        model = load_backbone(directory, device=dev, dtype=dt)
+            precompile = Precompile(BackboneConfig.from_file(directory / "config.json"), dev, dt, quant=mode)
+        model = load_backbone(directory, device=dev, dtype=dt, quant=mode or "none")
         tokens = Tokens.from_pretrained(directory, model.config)
         pipe = cls(model, tokens, directory, keep_decoder=keep_decoder, image_device=image_device)
         if fast and dev.type == "cuda":  # the fast path; fast=False keeps the clear eager path

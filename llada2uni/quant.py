@@ -16,6 +16,14 @@ and these variants are accepted:
 Anything else is an error that names the tensor: an FP8 tensor with no scale, a scale with no FP8
 weight, a scale of the wrong shape, an unknown ``quant_method``, or an FP8 tensor among those that
 stay in high precision (router, expert bias, embeddings, LM head, norms, biases).
+
+Resident quantization (``QuantMode``): the linear weights of attention, the dense and shared MLPs and
+the routed experts kept as 8-bit values and fp32 block scales on the device (``QuantLinear``, and
+``Experts.w13/w2`` with ``w13_scale/w2_scale``); ``ops/qmm.py`` and ``ops/moe_triton.py`` multiply
+by them. An FP8 checkpoint whose blocks fit the model's tensors is kept as it is; a bf16 one (or an
+FP8 one in another layout) is quantized tensor by tensor while it loads, so the full-precision model
+never exists on the device. The router, expert bias, embeddings, LM head and norms stay high
+precision.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # quant_method values of FP8 schemes (HF transformers / compressed-tensors / FBGEMM names)
@@ -158,8 +166,202 @@ def quantize_blockwise(weight: Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
     out, inp = weight.shape
     bm, bn = block
     w = weight.to(torch.float32)
-    pad = torch.zeros(math.ceil(out / bm) * bm, math.ceil(inp / bn) * bn)
+    pad = w.new_zeros(math.ceil(out / bm) * bm, math.ceil(inp / bn) * bn)
     pad[:out, :inp] = w.abs()
     amax = pad.view(pad.shape[0] // bm, bm, pad.shape[1] // bn, bn).amax(dim=(1, 3))
     scale = (amax / torch.finfo(dtype).max).clamp(min=1e-12)
     return (w / _per_element(scale, block, (out, inp))).to(dtype), scale
+
+
+# ---- resident quantization ----
+
+@dataclass(frozen=True)
+class QuantMode:
+    """How linear weights are kept on the device. ``block`` (rows, cols) of one scale, or None for
+    one scale per output channel; ``act`` "fp8": the activations are quantized too (W8A8, where FP8
+    tensor cores exist), "none": weight-only."""
+
+    name: str
+    dtype: torch.dtype
+    block: tuple[int, int] | None
+    act: str = "none"
+
+
+MODES = {
+    "fp8": QuantMode("fp8", torch.float8_e4m3fn, DEFAULT_BLOCK),
+    "fp8-channel": QuantMode("fp8-channel", torch.float8_e4m3fn, None),
+    "int8": QuantMode("int8", torch.int8, None),
+}
+QUANT_CHOICES = ("auto", "none", *MODES)
+# the DiT's GEMMs are compute-bound (4096+ tokens): FP8 x FP8 with per-channel weight scales
+DIT_MODE = QuantMode("fp8-w8a8", torch.float8_e4m3fn, None, act="fp8")
+
+
+def resolve_mode(quant: str | QuantMode | None, layout: "Fp8Layout | None" = None,
+                 device: torch.device | None = None) -> QuantMode | None:
+    """The resident mode for ``quant`` ("auto", "none", "fp8", "fp8-channel", "int8"). "auto": an FP8
+    checkpoint stays FP8 in its own blocks, a bf16 one stays bf16. FP8 on a GPU without FP8 support
+    (before Ada/Hopper) is int8 instead."""
+    if isinstance(quant, QuantMode):
+        mode = quant
+    else:
+        key = "auto" if quant is None else str(quant).lower()
+        if key not in QUANT_CHOICES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}")
+        if key == "none" or (key == "auto" and layout is None):
+            return None
+        if key == "auto":
+            block = layout.block if layout.scheme == "block" else None
+            mode = QuantMode("fp8", torch.float8_e4m3fn, block)
+        else:
+            mode = MODES[key]
+    if mode.dtype != torch.int8 and device is not None and device.type == "cuda" and \
+            torch.cuda.get_device_capability(device) < (8, 9):
+        return MODES["int8"]
+    return mode
+
+
+def fit_block(shape: tuple[int, int], block: tuple[int, int] | None) -> tuple[int, int]:
+    """The block the scales of a weight of ``shape`` use: ``block`` clipped to the weight, or one row
+    by the full width (per channel) when the weight does not divide into it."""
+    out, inp = shape
+    if block is None:
+        return 1, inp
+    bm = out if out <= block[0] else block[0] if out % block[0] == 0 else None
+    bn = inp if inp <= block[1] else block[1] if inp % block[1] == 0 else None
+    return (bm, bn) if bm and bn else (1, inp)
+
+
+def quantize(weight: Tensor, dtype: torch.dtype, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """weight [out, in] -> (8-bit weight, fp32 scales [ceil(out/bm), ceil(in/bn)]): symmetric, each
+    block's largest magnitude mapped to the format's largest value (int8: 127, rounded to nearest)."""
+    if dtype == torch.int8:
+        w = weight.float()
+        out, inp = w.shape
+        bm, bn = block
+        pad = w.new_zeros(math.ceil(out / bm) * bm, math.ceil(inp / bn) * bn)
+        pad[:out, :inp] = w.abs()
+        amax = pad.view(pad.shape[0] // bm, bm, pad.shape[1] // bn, bn).amax(dim=(1, 3))
+        scale = (amax / 127.0).clamp(min=1e-12)
+        q = (w / _per_element(scale, block, (out, inp))).round().clamp(-127, 127).to(torch.int8)
+        return q, scale
+    return quantize_blockwise(weight, block, dtype)
+
+
+class QuantLinear(nn.Module):
+    """A bias-optional linear layer on an 8-bit weight [out, in] and fp32 ``weight_scale`` per block.
+    ``kernel`` (``ops.qmm.pick``) is chosen after loading, once the device is known."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, mode: QuantMode) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        self.block = fit_block((out_features, in_features), mode.block)
+        bm, bn = self.block
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=mode.dtype), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(math.ceil(out_features / bm), math.ceil(in_features / bn),
+                                                     dtype=torch.float32), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.kernel = "reference"
+
+    def forward(self, x: Tensor) -> Tensor:
+        from .ops.qmm import qlinear
+        return qlinear(x, self.weight, self.weight_scale, self.block, self.bias, self.kernel)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.mode.name}, block={self.block}, {self.kernel}"
+
+
+def _replace_linears(root: nn.Module, mode: QuantMode, keep: "callable[[str], bool]") -> None:
+    for name, module in list(root.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and keep(full):
+                q = QuantLinear(child.in_features, child.out_features, child.bias is not None, mode)
+                if child.bias is not None:
+                    q.bias = child.bias
+                setattr(module, child_name, q)
+
+
+def prepare_backbone(model: nn.Module, mode: QuantMode) -> dict[str, tuple[int, int]]:
+    """On a meta-built backbone: attention, dense and shared MLP linears become ``QuantLinear`` and
+    the experts' stacked weights 8-bit with scale parameters. Returns quantized parameter -> block."""
+    from .models.backbone import Experts
+
+    _replace_linears(model, mode, lambda name: quantizable(f"{name}.weight"))
+    blocks = {f"{n}.weight": m.block for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, experts in model.named_modules():
+        if isinstance(experts, Experts):
+            e, two_i, h = experts.w13.shape
+            # gate and up are separate tensors of [I, H] in the checkpoint: their blocks, stacked
+            experts.quantize_as(mode.dtype, fit_block((two_i // 2, h), mode.block),
+                                fit_block(tuple(experts.w2.shape[1:]), mode.block))
+            blocks[f"{name}.w13"], blocks[f"{name}.w2"] = experts.blocks
+    return blocks
+
+
+def scale_name(param: str) -> str:
+    """The scale parameter of a quantized parameter (``x.weight`` -> ``x.weight_scale``)."""
+    return param + "_scale"
+
+
+def scale_index(index: tuple | None, block: tuple[int, int]) -> tuple | None:
+    """A target slice of a stacked weight -> the same slice of its scales (rows divide by the block)."""
+    if index is None or len(index) < 2:
+        return index
+    e, rows = index
+    return e, slice(rows.start // block[0], rows.stop // block[0])
+
+
+def finalize(model: nn.Module, dtype: torch.dtype, act_device: torch.device | None = None) -> None:
+    """After loading: each ``QuantLinear`` picks its kernel for activations of ``dtype``."""
+    from .ops.qmm import pick
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = pick(act_device or m.weight.device, dtype, m.weight, m.weight_scale, m.block, m.mode.act)
+
+
+def quantize_linears(root: nn.Module, mode: QuantMode, keep, *, device: torch.device, dtype: torch.dtype) -> None:
+    """Quantize the loaded ``nn.Linear`` layers of ``root`` whose name ``keep`` accepts, in place, one
+    at a time on ``device`` (a model loaded on the CPU reaches the device already quantized)."""
+    for name, module in list(root.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is not nn.Linear or not keep(full, child):
+                continue
+            q = QuantLinear(child.in_features, child.out_features, child.bias is not None, mode)
+            with torch.no_grad():
+                w, s = quantize(child.weight.detach().to(device), mode.dtype, q.block)
+                q.weight = nn.Parameter(w, requires_grad=False)
+                q.weight_scale = nn.Parameter(s.to(device), requires_grad=False)
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+            setattr(module, child_name, q)
+    finalize(root, dtype)
+
+
+def quantize_backbone(model: nn.Module, mode: QuantMode) -> None:
+    """Quantize a loaded full-precision backbone in place, one tensor at a time (the bf16 tensor is
+    freed as its 8-bit copy is made): the layout ``prepare_backbone`` builds for loading."""
+    from .models.backbone import Experts
+
+    dtype = model.lm_head.weight.dtype
+    device = model.lm_head.weight.device
+    quantize_linears(model, mode, lambda name, _: quantizable(f"{name}.weight"), device=device, dtype=dtype)
+    for experts in [m for m in model.modules() if isinstance(m, Experts)]:
+        w13, w2 = experts.w13, experts.w2
+        e, two_i, h = w13.shape
+        experts.quantize_as(mode.dtype, fit_block((two_i // 2, h), mode.block), fit_block(tuple(w2.shape[1:]), mode.block))
+        with torch.no_grad():
+            for i in range(e):
+                for w, q, s, b in ((w13, experts.w13, experts.w13_scale, experts.blocks[0]),
+                                   (w2, experts.w2, experts.w2_scale, experts.blocks[1])):
+                    qi, si = quantize(w[i], mode.dtype, b)
+                    q[i].copy_(qi)
+                    s[i].copy_(si)
+        del w13, w2
+    finalize(model, dtype)
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (8-bit weights count one byte each)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))

@@ -26,6 +26,8 @@ from .ops.attention import block_causal_mask, rope_positions
 from .ops.attention_triton import window_attention, window_attention_reference, window_limits
 from .ops.moe import experts_grouped, experts_reference, grouped_supported, route
 from .ops.moe_triton import route_supported, route_triton
+from .ops.qmm import qlinear
+from .quant import QuantLinear
 from .sampling.guidance import Guidance, cfg_edit, cfg_rescale, cfg_simple
 from .sampling.unmask import VocabMoments, greedy_pick, rescale_stds
 
@@ -155,8 +157,9 @@ def use_fast_moe(model: LLaDA2MoeForLM, backend: str = "auto") -> str | None:
     if not moes:
         return None
     probe = torch.empty(1, model.config.hidden_size, dtype=model.dtype, device=model.device)
-    w13, w2 = moes[0].experts.w13, moes[0].experts.w2
-    usable = {"triton": moe_triton.supported(probe, w13, w2), "grouped": grouped_supported(probe, w13)}
+    w13, w2, scales = moes[0].experts.w13, moes[0].experts.w2, moes[0].experts.scales
+    usable = {"triton": moe_triton.supported(probe, w13, w2, scales),
+              "grouped": scales is None and grouped_supported(probe, w13)}
     if backend == "auto":
         backend = next((b for b in ("triton", "grouped") if usable[b]), "reference")
     elif backend != "reference" and not usable[backend]:
@@ -174,17 +177,31 @@ def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def _linear(x, w, b, s, q):
+    """F.linear, or the quantized linear (``ops.qmm``) when the weight has scales ``s``; ``q`` is
+    (block, kernel), constants of the layer."""
+    return F.linear(x, w, b) if s is None else qlinear(x, w, s, q[0], b, q[1])
+
+
+def _quant_args(linear) -> tuple:
+    """(scale, (block, kernel)) of a ``QuantLinear``; (None, None) for an ``nn.Linear``."""
+    return (linear.weight_scale, (linear.block, linear.kernel)) if isinstance(linear, QuantLinear) else (None, None)
+
+
 def _attention_part(h, cos, sin, kc, vc, write_index, key_ok, kv_lim, ln_w, qkv_w, qkv_b, qn_w, kn_w, dense_w,
-                    dense_b, post_w, hq: int, hkv: int, d: int, eps: float, attention=window_attention):
+                    dense_b, post_w, hq: int, hkv: int, d: int, eps: float, attention=window_attention,
+                    qkv_s=None, qkv_q=None, dense_s=None, dense_q=None):
     """Norm, QKV, QK-norm, RoPE, cache write, attention, output projection, residual, post-norm.
 
-    Weights come in as arguments so that one compiled graph serves every layer (same shapes).
+    Weights come in as arguments so that one compiled graph serves every layer (same shapes); 8-bit
+    weights come with their scales (``*_s``) and (block, kernel) (``*_q``).
     The window's K/V go into the cache at their physical positions (``index_copy_`` on a device index,
     so no Python int reaches the kernels); attention reads the keys that ``key_ok`` [R, S] and
     ``kv_lim`` [T] let each query see (``ops.attention_triton.window_attention``).
     """
     r, t, _ = h.shape
-    q, k, v = F.linear(_rms(h, ln_w, eps), qkv_w, qkv_b).view(r, t, hq + 2 * hkv, d).split([hq, hkv, hkv], 2)
+    q, k, v = _linear(_rms(h, ln_w, eps), qkv_w, qkv_b, qkv_s, qkv_q).view(r, t, hq + 2 * hkv, d).split(
+        [hq, hkv, hkv], 2)
     if qn_w is not None:  # use_qk_norm
         q, k = _rms(q, qn_w, eps), _rms(k, kn_w, eps)
     q, k, v = (z.transpose(1, 2) for z in (q, k, v))
@@ -192,7 +209,7 @@ def _attention_part(h, cos, sin, kc, vc, write_index, key_ok, kv_lim, ln_w, qkv_
     kc.index_copy_(2, write_index, k)
     vc.index_copy_(2, write_index, v)
     out = attention(q, kc, vc, key_ok, kv_lim, d ** -0.5)
-    h = h + F.linear(out.transpose(1, 2).reshape(r, t, hq * d), dense_w, dense_b)
+    h = h + _linear(out.transpose(1, 2).reshape(r, t, hq * d), dense_w, dense_b, dense_s, dense_q)
     return h, _rms(h, post_w, eps)
 
 
@@ -224,9 +241,11 @@ def _lossless_gate(gate_w: Tensor, dtype: torch.dtype) -> Tensor:
     return low if dtype != torch.float32 and torch.equal(low.float(), gate_w) else gate_w
 
 
-def _combine_part(h, routed, x, sg, su, sd):
-    """Residual + routed (fp32 sum, cast) + shared expert."""
-    return h + (routed.to(h.dtype) + F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd))
+def _combine_part(h, routed, x, sg, su, sd, ss=(None, None, None), sq=(None, None, None)):
+    """Residual + routed (fp32 sum, cast) + shared expert (``ss``/``sq``: its scales and (block, kernel)
+    when 8-bit)."""
+    gate, up = _linear(x, sg, None, ss[0], sq[0]), _linear(x, su, None, ss[1], sq[1])
+    return h + (routed.to(h.dtype) + _linear(F.silu(gate) * up, sd, None, ss[2], sq[2]))
 
 
 # ---- the greedy choice, fused (``sampling.unmask.greedy_pick`` is the reference) ----
@@ -390,7 +409,7 @@ class StaticStep:
                                   att.query_key_value.bias, att.query_layernorm.weight if qk_norm else None,
                                   att.key_layernorm.weight if qk_norm else None, att.dense.weight,
                                   att.dense.bias, layer.post_attention_layernorm.weight, hq, hkv, d, eps,
-                                  self.attend)
+                                  self.attend, *_quant_args(att.query_key_value), *_quant_args(att.dense))
             mlp = layer.mlp
             if not isinstance(mlp, MoE) or mlp.shared_experts is None:
                 h = h + mlp(x)
@@ -398,9 +417,14 @@ class StaticStep:
             flat = x.reshape(-1, x.shape[-1])
             ids_, w = self.router(flat, self.gates[i], mlp.gate.expert_bias, cfg.n_group, cfg.topk_group,
                                   cfg.num_experts_per_tok, cfg.routed_scaling_factor, cfg.norm_topk_prob)
-            routed = mlp.dispatch(flat, ids_, w, mlp.experts.w13, mlp.experts.w2).view(r, t, -1)
+            routed = mlp.dispatch(flat, ids_, w, mlp.experts.w13, mlp.experts.w2, mlp.experts.scales).view(r, t, -1)
             sh = mlp.shared_experts
-            h = self.combine(h, routed, x, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+            lins = (sh.gate_proj, sh.up_proj, sh.down_proj)
+            if isinstance(sh.gate_proj, QuantLinear):
+                quant = tuple(zip(*(_quant_args(lin) for lin in lins)))
+                h = self.combine(h, routed, x, *(lin.weight for lin in lins), *quant)
+            else:
+                h = self.combine(h, routed, x, *(lin.weight for lin in lins))
         h = model.model.norm(h[:, -num_logits:])
         if vocab is not None:
             gram, wsum = self.lm_head_moments()
@@ -700,9 +724,11 @@ class Precompile:
     """
 
     def __init__(self, config, device: torch.device | str, dtype: torch.dtype, *, moe: str = "auto",
-                 rows: tuple[int, ...] = (2, 1), backend: str = "inductor", prefill: int = 1040) -> None:
+                 rows: tuple[int, ...] = (2, 1), backend: str = "inductor", prefill: int = 1040,
+                 quant=None) -> None:
         import threading
         self.config, self.device, self.dtype = config, torch.device(device), dtype
+        self.quant = quant  # the real model's ``quant.QuantMode``: its 8-bit linears compile differently
         self.moe, self.rows, self.backend, self.prefill = moe, tuple(rows), backend, prefill
         self.report: dict = {}
         self._thread = threading.Thread(target=self._run, name="llada2uni-precompile", daemon=True)
@@ -718,7 +744,7 @@ class Precompile:
             cfg = self.config
             small = dataclasses.replace(cfg, num_hidden_layers=cfg.first_k_dense_replace + 1, vocab_size=64,
                                         image_token_offset=32)
-            model = random_backbone(small, device=self.device, dtype=self.dtype)
+            model = random_backbone(small, device=self.device, dtype=self.dtype, quant=self.quant)
             fast = FastBackboneLogits(model, eager=True, compile=True, moe=self.moe,
                                       compile_backend=self.backend)
             b = fast.block_length

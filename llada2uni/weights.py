@@ -120,11 +120,13 @@ def _open(path: Path, safe_open):
 
 
 def materialize(model: nn.Module, device: torch.device, dtype_of: Callable[[str], torch.dtype]) -> None:
-    """Replace every meta parameter by an uninitialised tensor on ``device`` in its target dtype."""
+    """Replace every meta parameter by an uninitialised tensor on ``device`` in its target dtype.
+    Quantized parameters (8-bit weights, their fp32 ``*_scale``) keep the dtype they were built with."""
     for name, param in list(model.named_parameters()):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
-        tensor = torch.empty(param.shape, dtype=dtype_of(name), device=device)
+        keep = param.element_size() == 1 or name.endswith("_scale")
+        tensor = torch.empty(param.shape, dtype=param.dtype if keep else dtype_of(name), device=device)
         setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
 
 
@@ -155,17 +157,20 @@ def tensor_meta(files: dict[str, Path]) -> tuple[dict[str, str], dict[str, tuple
 
 def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: torch.device,
                     dtype_of: Callable[[str], torch.dtype], optional: tuple[str, ...] = (),
-                    quant_config: dict | None = None) -> None:
+                    quant_config: dict | None = None, quant_blocks: dict[str, tuple[int, int]] | None = None) -> None:
     """Fill a meta-built ``model`` from the shards in ``directory``.
 
     ``plan`` maps checkpoint names to targets with ``param``, ``index`` and ``shape``. Names ending
     in one of ``optional`` may be absent (zero-filled, with a warning). FP8 weights (the layout found
     by ``quant.discover`` from ``quant_config`` and the tensors themselves) are dequantized into their
-    targets' dtype; their scales are consumed.
+    targets' dtype; their scales are consumed. ``quant_blocks`` (8-bit parameter -> scale block, from
+    ``quant.prepare_backbone``): those parameters are kept 8-bit, FP8 tensors of the same blocks copied
+    as they are, anything else quantized on ``device`` as it streams.
     """
     from safetensors import safe_open
 
-    from .quant import IGNORED_SUFFIXES, FP8_DTYPES, QuantError, dequantize, discover
+    from .quant import (FP8_DTYPES, IGNORED_SUFFIXES, QuantError, dequantize, discover, fit_block, quantize,
+                        scale_index, scale_name)
 
     files_all = files = shard_map(directory)
     dtypes, shapes = tensor_meta(files)
@@ -174,7 +179,7 @@ def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: to
     except QuantError as e:
         raise CheckpointError(f"checkpoint {directory}: {e}") from None
     if layout is not None:
-        log.info("FP8 checkpoint (%s scales%s): dequantizing into the model's dtype", layout.scheme,
+        log.info("FP8 checkpoint (%s scales%s)", layout.scheme,
                  f" {layout.block[0]}x{layout.block[1]}" if layout.block else "")
         scales = {layout.scale_name(n) for n, d in dtypes.items() if d in FP8_DTYPES}
         files = {n: p for n, p in files.items() if n not in scales and not n.endswith(IGNORED_SUFFIXES)}
@@ -192,7 +197,8 @@ def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: to
         raise CheckpointError(f"checkpoint {directory} does not match the model: " + "; ".join(parts))
 
     params = dict(model.named_parameters())
-    target_params = {t.param for t in plan.values()}
+    quant_blocks = quant_blocks or {}
+    target_params = {t.param for t in plan.values()} | {scale_name(p) for p in quant_blocks}
     stray = sorted(set(params) - target_params)
     if stray:
         raise CheckpointError(f"model parameters with no checkpoint source: {', '.join(stray)}")
@@ -219,9 +225,27 @@ def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: to
                 if target.index is not None:
                     dest = dest[target.index]
                 tensor = f.get_tensor(name)
+                scale = None
                 if dtypes[name] in FP8_DTYPES:
-                    scale_name = layout.scale_name(name)
-                    scale = shard(files_all[scale_name]).get_tensor(scale_name)
+                    sname = layout.scale_name(name)
+                    scale = shard(files_all[sname]).get_tensor(sname)
+                if target.param in quant_blocks:
+                    block = quant_blocks[target.param]
+                    sdest = params[scale_name(target.param)]
+                    sidx = scale_index(target.index, block)
+                    sdest = sdest if sidx is None else sdest[sidx]
+                    own = fit_block(shape, layout.block if layout and layout.scheme == "block" else None)
+                    if scale is not None and tensor.dtype == dest.dtype and own == block and \
+                            scale.numel() == sdest.numel() and layout.scheme != "tensor":
+                        dest.copy_(tensor)  # the checkpoint's own FP8 blocks: kept as they are
+                        sdest.copy_(scale.float().view(sdest.shape))
+                        continue
+                    full = tensor if scale is None else dequantize(tensor, scale, layout, torch.float32)
+                    q, s = quantize(full.to(device), dest.dtype, block)
+                    dest.copy_(q)
+                    sdest.copy_(s)
+                    continue
+                if scale is not None:
                     tensor = dequantize(tensor, scale, layout, dest.dtype)
                 dest.copy_(tensor)
         for name in sorted(expected - set(files)):
@@ -231,31 +255,59 @@ def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: to
             (dest if target.index is None else dest[target.index]).zero_()
 
 
-def load_backbone(directory: Path, *, device: torch.device, dtype: torch.dtype):
-    """Config + strict weight load of the LLaDA2 MoE backbone from a checkpoint folder."""
-    from .config import BackboneConfig
-    from .models.backbone import OPTIONAL_SUFFIXES, LLaDA2MoeForLM, param_dtype, remap
-
+def backbone_quant(directory: Path, quant, device: torch.device):
+    """The ``quant.QuantMode`` (or None) a backbone in ``directory`` loads with for ``quant``."""
     from .config import read_json
+    from .quant import QuantError, discover, resolve_mode
+
+    if hasattr(quant, "dtype"):
+        return quant
+    raw = read_json(directory / "config.json", "config file")
+    try:
+        layout = discover(raw.get("quantization_config"), *tensor_meta(shard_map(directory)))
+    except QuantError as e:
+        raise CheckpointError(f"checkpoint {directory}: {e}") from None
+    return resolve_mode(quant, layout, device)
+
+
+def load_backbone(directory: Path, *, device: torch.device, dtype: torch.dtype, quant=None):
+    """Config + strict weight load of the LLaDA2 MoE backbone from a checkpoint folder.
+
+    ``quant`` (``quant.resolve_mode``: "auto", "none", "fp8", "fp8-channel", "int8"): how its linear
+    weights are kept; "auto" (None) keeps an FP8 checkpoint FP8 and a bf16 one bf16."""
+    from .config import BackboneConfig, read_json
+    from .models.backbone import OPTIONAL_SUFFIXES, LLaDA2MoeForLM, param_dtype, remap
+    from .quant import finalize, prepare_backbone
 
     raw = read_json(directory / "config.json", "config file")
     config = BackboneConfig.from_dict(raw)
+    mode = backbone_quant(directory, quant, device)
     with torch.device("meta"):
         model = LLaDA2MoeForLM(config)
+    blocks = prepare_backbone(model, mode) if mode is not None else None
+    if mode is not None:
+        log.info("backbone weights kept as %s (%s)", mode.name, "per channel" if mode.block is None
+                 else f"{mode.block[0]}x{mode.block[1]} blocks")
     load_checkpoint(model, directory, remap(config), device=device,
                     dtype_of=lambda name: param_dtype(name, dtype), optional=OPTIONAL_SUFFIXES,
-                    quant_config=raw.get("quantization_config"))
+                    quant_config=raw.get("quantization_config"), quant_blocks=blocks)
+    if mode is not None:
+        finalize(model, dtype)
+    model.quant = mode
     return model.eval()
 
 
 def random_backbone(config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                    seed: int = 0):
+                    seed: int = 0, quant=None):
     """A full-structure backbone with random weights built directly on ``device`` (no disk round trip).
 
     For benchmarks: ``random_backbone(BackboneConfig(), device="cuda")`` is the 16B model in ~32 GB.
     Weights are N(0, 1/fan_in), norms 1, small expert biases, so activations stay O(1) in bf16.
+    ``quant`` ("fp8", "fp8-channel", "int8" or a ``quant.QuantMode``): then quantized in place, layer
+    by layer (``quant.quantize_backbone``): the same weights as the bf16 model of the same seed.
     """
     from .models.backbone import LLaDA2MoeForLM, param_dtype
+    from .quant import quantize_backbone, resolve_mode
 
     device = resolve_device(device)
     with torch.device("meta"):
@@ -276,6 +328,10 @@ def random_backbone(config, *, device: str | torch.device = "cpu", dtype: torch.
                 # fp32-held parameters (the router) get values of ``dtype``, as a checkpoint saved in
                 # it (the official one: bfloat16) gives them
                 p.copy_(p.to(dtype).float())
+    mode = quant if hasattr(quant, "dtype") else resolve_mode(quant or "none", None, device)
+    if mode is not None:
+        quantize_backbone(model, mode)
+    model.quant = mode
     return model.eval()
 
 

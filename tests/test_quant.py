@@ -92,7 +92,7 @@ def test_tiny_fp8_checkpoint_loads_as_its_dequantized_weights(fp8_dir, tiny_mode
     from llada2uni.weights import shard_map
     cfg = json.loads((fp8_dir / "config.json").read_text())
     assert cfg["quantization_config"]["weight_block_size"] == [16, 16]
-    model = load_backbone(fp8_dir, device=torch.device("cpu"), dtype=torch.float32)
+    model = load_backbone(fp8_dir, device=torch.device("cpu"), dtype=torch.float32, quant="none")
     files = shard_map(fp8_dir)
     layout = Fp8Layout("block", (16, 16), "weight_scale_inv")
     with safe_open(str(files[EXPERT]), "pt") as f:
@@ -107,6 +107,12 @@ def test_tiny_fp8_checkpoint_loads_as_its_dequantized_weights(fp8_dir, tiny_mode
     # high-precision tensors are the bf16 checkpoint's own
     assert torch.equal(model.lm_head.weight, tiny_model.lm_head.weight)
     assert torch.equal(model.model.layers[1].mlp.gate.weight, tiny_model.model.layers[1].mlp.gate.weight)
+    # by default ("auto") the FP8 blocks stay resident as they are, scales alongside
+    kept = load_backbone(fp8_dir, device=torch.device("cpu"), dtype=torch.float32)
+    experts = kept.model.layers[1].mlp.experts
+    assert kept.quant.name == "fp8" and kept.quant.block == (16, 16)
+    assert experts.w2.dtype == torch.float8_e4m3fn and torch.equal(experts.w2[3].view(torch.uint8), w.view(torch.uint8))
+    assert torch.equal(experts.w2_scale[3], s.float())
 
 
 def test_the_fp8_tiny_runs_the_pipeline(fp8_dir):
@@ -141,3 +147,81 @@ def test_make_tiny_fp8_from_the_command_line(tmp_path):
                                           "weight_block_size": [128, 128]}
     index = json.loads((tmp_path / "t" / "model.safetensors.index.json").read_text())["weight_map"]
     assert EXPERT[:-6] + "weight_scale_inv" in index and "lm_head.weight_scale_inv" not in index
+
+
+# ---- resident quantization ----
+
+def _logits(model, seed=0, length=40):
+    from llada2uni.ops.attention import block_causal_mask
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    mask = block_causal_mask(0, length, torch.zeros(1, dtype=torch.long), 8)
+    with torch.no_grad():
+        return model(ids, torch.arange(length)[None], mask)
+
+
+def test_resolve_mode_names_and_auto():
+    from llada2uni.quant import MODES, resolve_mode
+    assert resolve_mode("auto", None) is None and resolve_mode("none", Fp8Layout("block", (128, 128), "s")) is None
+    auto = resolve_mode(None, Fp8Layout("block", (64, 32), "weight_scale_inv"))
+    assert auto.dtype == torch.float8_e4m3fn and auto.block == (64, 32)  # the checkpoint's own blocks
+    assert resolve_mode("auto", Fp8Layout("channel", None, "weight_scale")).block is None
+    assert resolve_mode("INT8") is MODES["int8"]
+    with pytest.raises(ValueError, match="quant must be one of"):
+        resolve_mode("nf4")
+
+
+@pytest.mark.parametrize("quant,dtype,bound", [("fp8", torch.float8_e4m3fn, 0.3),
+                                               ("fp8-channel", torch.float8_e4m3fn, 0.4),
+                                               ("int8", torch.int8, 0.1)])
+def test_bf16_checkpoint_quantized_while_loading(tiny_dir, tiny_model, quant, dtype, bound):
+    from llada2uni.quant import QuantLinear, quantized_bytes
+    model = load_backbone(tiny_dir, device=torch.device("cpu"), dtype=torch.float32, quant=quant)
+    layer = model.model.layers[1]
+    assert model.quant.name == quant
+    assert layer.mlp.experts.w13.dtype == dtype and layer.mlp.experts.w2_scale.dtype == torch.float32
+    assert isinstance(layer.attention.query_key_value, QuantLinear)
+    assert layer.attention.query_key_value.weight.dtype == dtype
+    assert isinstance(model.model.layers[0].mlp.gate_proj, QuantLinear)  # the dense first layer
+    # router, expert bias, LM head, embeddings and norms are untouched
+    ours, theirs = model.state_dict(), tiny_model.state_dict()
+    for name in ("lm_head.weight", "model.word_embeddings.weight", "model.norm.weight",
+                 "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.expert_bias"):
+        assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name])
+    assert quantized_bytes(model) < quantized_bytes(tiny_model)
+    ref, got = _logits(tiny_model), _logits(model)
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < err < bound
+
+
+def test_an_fp8_checkpoint_can_be_requantized_or_expanded(fp8_dir, tiny_model):
+    model = load_backbone(fp8_dir, device=torch.device("cpu"), dtype=torch.float32, quant="int8")
+    assert model.model.layers[1].mlp.experts.w13.dtype == torch.int8
+    ref = _logits(load_backbone(fp8_dir, device=torch.device("cpu"), dtype=torch.float32, quant="none"))
+    kept = _logits(load_backbone(fp8_dir, device=torch.device("cpu"), dtype=torch.float32))
+    # the resident FP8 blocks compute what their dequantized weights compute
+    assert torch.allclose(kept, ref, atol=1e-4, rtol=1e-4)
+    assert ((_logits(model) - ref).norm() / ref.norm()) < 0.1
+
+
+def test_random_backbone_quantized_is_the_bf16_one_quantized():
+    from llada2uni.ops.qmm import dequantize
+    from llada2uni.quant import quantize
+    from llada2uni.tiny import tiny_config
+    from llada2uni.weights import random_backbone
+    cfg = tiny_config()
+    full = random_backbone(cfg, dtype=torch.float32, seed=3)
+    q = random_backbone(cfg, dtype=torch.float32, seed=3, quant="int8")
+    ex, eq = full.model.layers[1].mlp.experts, q.model.layers[1].mlp.experts
+    want_q, want_s = quantize(ex.w2[2], torch.int8, eq.blocks[1])
+    assert torch.equal(eq.w2[2], want_q) and torch.equal(eq.w2_scale[2], want_s)
+    lin = q.model.layers[1].attention.dense
+    assert torch.allclose(dequantize(lin.weight, lin.weight_scale, lin.block, torch.float32),
+                          full.model.layers[1].attention.dense.weight, atol=lin.weight_scale.max().item())
+
+
+def test_the_pipeline_runs_on_a_quantized_backbone(tiny_dir):
+    from llada2uni.pipeline import LLaDA2Uni
+    pipe = LLaDA2Uni.from_pretrained(tiny_dir, device="cpu", quant="int8")
+    assert pipe.model.quant.name == "int8"
+    out = pipe.chat([{"role": "user", "content": "Hi"}], gen_length=32, steps=8)
+    assert isinstance(out, str)

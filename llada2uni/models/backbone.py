@@ -103,11 +103,32 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
+    """Stacked expert weights; quantized (``quant.prepare_backbone``), 8-bit with fp32 block scales
+    ``w13_scale`` [E, 2I/bm, H/bn] and ``w2_scale`` [E, H/bm, I/bn]."""
+
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
         self.w2 = nn.Parameter(torch.empty(e, h, i))
+        self.w13_scale = self.w2_scale = None
+        self.blocks = None  # (w13 block, w2 block) when quantized
+
+    def quantize_as(self, dtype: torch.dtype, block13: tuple[int, int], block2: tuple[int, int]) -> None:
+        e, two_i, h = self.w13.shape
+        dev = self.w13.device
+        self.w13 = nn.Parameter(torch.empty(e, two_i, h, dtype=dtype, device=dev), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, h, two_i // 2, dtype=dtype, device=dev), requires_grad=False)
+        self.w13_scale = nn.Parameter(torch.empty(e, two_i // block13[0], math.ceil(h / block13[1]),
+                                                  device=dev), requires_grad=False)
+        self.w2_scale = nn.Parameter(torch.empty(e, h // block2[0], math.ceil(two_i // 2 / block2[1]),
+                                                 device=dev), requires_grad=False)
+        self.blocks = (block13, block2)
+
+    @property
+    def scales(self) -> tuple[Tensor, Tensor, tuple, tuple] | None:
+        """(w13_scale, w2_scale, w13 block, w2 block) for the dispatch, None in full precision."""
+        return None if self.blocks is None else (self.w13_scale, self.w2_scale, *self.blocks)
 
 
 class MoE(nn.Module):
@@ -130,7 +151,8 @@ class MoE(nn.Module):
                                     topk_group=cfg.topk_group, top_k=cfg.num_experts_per_tok,
                                     routed_scaling_factor=cfg.routed_scaling_factor,
                                     norm_topk_prob=cfg.norm_topk_prob)
-        y = self.dispatch(flat, expert_ids, weights, self.experts.w13, self.experts.w2).to(x.dtype)
+        y = self.dispatch(flat, expert_ids, weights, self.experts.w13, self.experts.w2,
+                          self.experts.scales).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(shape)

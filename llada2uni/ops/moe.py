@@ -45,11 +45,14 @@ def swiglu(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
     return F.linear(F.silu(gate) * up, w2)
 
 
-def experts_reference(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+def experts_reference(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tensor, w2: Tensor,
+                      scales: tuple | None = None) -> Tensor:
     """Weighted sum of the chosen experts, accumulated in fp32.
 
     x [N, H]; expert_ids/weights [N, k]; w13 [E, 2I, H]; w2 [E, H, I] -> [N, H] fp32.
-    Token slots are sorted by expert so each expert runs once on all its tokens.
+    Token slots are sorted by expert so each expert runs once on all its tokens. ``scales``
+    (w13_scale, w2_scale, w13 block, w2 block): 8-bit weights, each used expert dequantized into x's
+    dtype (``ops.qmm.dequantize``).
     """
     n, k = expert_ids.shape
     flat = expert_ids.reshape(-1)
@@ -63,13 +66,19 @@ def experts_reference(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tenso
         if count == 0:
             continue
         tokens = token_of_slot[begin:begin + count]
-        y = swiglu(x[tokens], w13[expert], w2[expert])
+        a, b = w13[expert], w2[expert]
+        if scales is not None:
+            from .qmm import dequantize
+            a = dequantize(a, scales[0][expert], scales[2], x.dtype)
+            b = dequantize(b, scales[1][expert], scales[3], x.dtype)
+        y = swiglu(x[tokens], a, b)
         out.index_add_(0, tokens, y.float() * slot_weights[begin:begin + count, None])
         begin += count
     return out
 
 
-def experts_grouped(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+def experts_grouped(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tensor, w2: Tensor,
+                    scales: tuple | None = None) -> Tensor:
     """Same result as ``experts_reference`` with two grouped GEMMs and no host synchronisation.
 
     Token slots are sorted by expert; ``torch._grouped_mm`` runs every expert's slice in one launch
@@ -77,6 +86,8 @@ def experts_grouped(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tensor,
     graphs can capture. The weighted combine un-sorts the slots and sums the k experts of each token
     in fp32 (deterministic, no atomics).
     """
+    if scales is not None:
+        raise ValueError("the grouped-GEMM dispatch takes full-precision experts (use the triton one)")
     n, k = expert_ids.shape
     flat = expert_ids.reshape(-1)
     order = flat.argsort(stable=True)

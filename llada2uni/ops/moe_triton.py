@@ -61,8 +61,9 @@ def align_blocks(flat_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tens
 
 if triton is not None:
     @triton.jit
-    def _gate_up(x_ptr, w13_ptr, out_ptr, order_ptr, bexp_ptr, bstart_ptr, brows_ptr,
+    def _gate_up(x_ptr, w13_ptr, s13_ptr, out_ptr, order_ptr, bexp_ptr, bstart_ptr, brows_ptr,
                  H: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
+                 QUANT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SK: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         blk = tl.program_id(0)
         rows = tl.load(brows_ptr + blk)
@@ -79,12 +80,20 @@ if triton is not None:
         x_ptrs = x_ptr + token[:, None] * H + offs_k[None, :]
         g_ptrs = w13_ptr + e * (2 * INTER * H) + offs_n[None, :] * H + offs_k[:, None]  # [BK, BN]
         u_ptrs = g_ptrs + INTER * H
+        # 8-bit experts: scales [E, 2I/SBN, SK], one per (SBN rows, SBK columns) block
+        sg_ptrs = s13_ptr + e * (2 * INTER // SBN * SK) + (offs_n // SBN) * SK
+        su_ptrs = s13_ptr + e * (2 * INTER // SBN * SK) + ((INTER + offs_n) // SBN) * SK
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        for _ in range(0, H // BK):
+        for kk in range(0, H // BK):
             a = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            acc_g = tl.dot(a, tl.load(g_ptrs), acc_g)
-            acc_u = tl.dot(a, tl.load(u_ptrs), acc_u)
+            if QUANT:  # widen (exact), multiply, scale the block's partial sums (BK divides SBK)
+                kb = (kk * BK) // SBK
+                acc_g += tl.dot(a, tl.load(g_ptrs).to(a.dtype)) * tl.load(sg_ptrs + kb)[None, :]
+                acc_u += tl.dot(a, tl.load(u_ptrs).to(a.dtype)) * tl.load(su_ptrs + kb)[None, :]
+            else:
+                acc_g = tl.dot(a, tl.load(g_ptrs), acc_g)
+                acc_u = tl.dot(a, tl.load(u_ptrs), acc_u)
             x_ptrs += BK
             g_ptrs += BK
             u_ptrs += BK
@@ -93,8 +102,9 @@ if triton is not None:
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
 
     @triton.jit
-    def _down(a_ptr, w2_ptr, out_ptr, order_ptr, weight_ptr, bexp_ptr, bstart_ptr, brows_ptr,
-              H: tl.constexpr, INTER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _down(a_ptr, w2_ptr, s2_ptr, out_ptr, order_ptr, weight_ptr, bexp_ptr, bstart_ptr, brows_ptr,
+              H: tl.constexpr, INTER: tl.constexpr, QUANT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
+              SK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         blk = tl.program_id(0)
         rows = tl.load(brows_ptr + blk)
         if rows == 0:
@@ -107,9 +117,14 @@ if triton is not None:
         offs_k = tl.arange(0, BK)
         a_ptrs = a_ptr + (start + offs_m)[:, None].to(tl.int64) * INTER + offs_k[None, :]
         w_ptrs = w2_ptr + e * (H * INTER) + offs_n[None, :] * INTER + offs_k[:, None]  # [BK, BN]
+        s_ptrs = s2_ptr + e * (H // SBN * SK) + (offs_n // SBN) * SK
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for _ in range(0, INTER // BK):
-            acc = tl.dot(tl.load(a_ptrs, mask=m_ok[:, None], other=0.0), tl.load(w_ptrs), acc)
+        for kk in range(0, INTER // BK):
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            if QUANT:
+                acc += tl.dot(a, tl.load(w_ptrs).to(a.dtype)) * tl.load(s_ptrs + (kk * BK) // SBK)[None, :]
+            else:
+                acc = tl.dot(a, tl.load(w_ptrs), acc)
             a_ptrs += BK
             w_ptrs += BK
         slot = tl.load(order_ptr + start + offs_m, mask=m_ok, other=0)
@@ -266,20 +281,36 @@ def pick_config(slots: int, num_experts: int) -> tuple[tuple, tuple]:
     return CONFIGS[bm]
 
 
-def supported(x: Tensor, w13: Tensor, w2: Tensor) -> bool:
-    """CUDA, bf16/fp16, contiguous weights, sizes that divide into the kernels' tiles."""
+QUANT_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
+
+
+def supported(x: Tensor, w13: Tensor, w2: Tensor, scales: tuple | None = None) -> bool:
+    """CUDA, bf16/fp16, contiguous weights, sizes that divide into the kernels' tiles. 8-bit experts
+    (``scales``): FP8 needs Ada/Hopper; every scale block holds whole 128-column tiles."""
     if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if not (w13.is_contiguous() and w2.is_contiguous()) or w13.dtype != x.dtype or w2.dtype != x.dtype:
+    if not (w13.is_contiguous() and w2.is_contiguous()):
         return False
+    if scales is None:
+        if w13.dtype != x.dtype or w2.dtype != x.dtype:
+            return False
+    else:
+        if w13.dtype not in QUANT_DTYPES or w2.dtype != w13.dtype:
+            return False
+        if w13.dtype != torch.int8 and torch.cuda.get_device_capability(x.device) < (8, 9):
+            return False
+        (_, _, b13, b2) = scales
+        if any(b[1] % 128 for b in (b13, b2)):
+            return False
     h, inter = w13.shape[-1], w13.shape[-2] // 2
     return h % 128 == 0 and inter % 128 == 0 and w2.shape[-2:] == (h, inter)
 
 
 def experts_fused(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tensor, w2: Tensor,
-                  config: tuple[tuple, tuple] | None = None) -> Tensor:
+                  scales: tuple | None = None, config: tuple[tuple, tuple] | None = None) -> Tensor:
     """The ``experts_reference`` contract with the two Triton kernels: x [N, H]; expert_ids/weights
-    [N, k]; w13 [E, 2I, H]; w2 [E, H, I] -> [N, H] fp32."""
+    [N, k]; w13 [E, 2I, H]; w2 [E, H, I] -> [N, H] fp32. ``scales`` (w13_scale, w2_scale, w13 block,
+    w2 block): 8-bit experts, read as they are (half the bytes of bf16)."""
     n, k = expert_ids.shape
     e, two_i, h = w13.shape
     inter = two_i // 2
@@ -288,10 +319,14 @@ def experts_fused(x: Tensor, expert_ids: Tensor, weights: Tensor, w13: Tensor, w
     order, bexp, bstart, brows = align(expert_ids.reshape(-1), e, bm)
     x = x.contiguous()
     act = torch.empty(n * k, inter, device=x.device, dtype=x.dtype)  # sorted slot order
-    _gate_up[(bexp.numel(), inter // bn1)](x, w13, act, order, bexp, bstart, brows, H=h, INTER=inter, TOPK=k,
+    quant = scales is not None
+    s13, s2, b13, b2 = scales if quant else (w13, w2, (1, h), (1, inter))  # unread when not quant
+    _gate_up[(bexp.numel(), inter // bn1)](x, w13, s13, act, order, bexp, bstart, brows, H=h, INTER=inter, TOPK=k,
+                                          QUANT=quant, SBN=b13[0], SBK=b13[1], SK=-(-h // b13[1]),
                                           BM=bm, BN=bn1, BK=bk1, num_warps=warps1, num_stages=stages1)
     out = torch.empty(n * k, h, device=x.device, dtype=torch.float32)  # (token, slot) order
     w = weights.reshape(-1).to(torch.float32).contiguous()
-    _down[(bexp.numel(), h // bn2)](act, w2, out, order, w, bexp, bstart, brows, H=h, INTER=inter,
+    _down[(bexp.numel(), h // bn2)](act, w2, s2, out, order, w, bexp, bstart, brows, H=h, INTER=inter,
+                                    QUANT=quant, SBN=b2[0], SBK=b2[1], SK=-(-inter // b2[1]),
                                     BM=bm, BN=bn2, BK=bk2, num_warps=warps2, num_stages=stages2)
     return out.view(n, k, h).sum(dim=1)
