@@ -82,9 +82,9 @@ class ExpertCounter:
         for m in self.moes:
             inner = m.dispatch
 
-            def wrapped(x, ids, w, w13, w2, inner=inner):
+            def wrapped(x, ids, w, w13, w2, scales=None, inner=inner):
                 self.unique.append(int(ids.unique().numel()))
-                return inner(x, ids, w, w13, w2)
+                return inner(x, ids, w, w13, w2, scales)
             m._saved, m.dispatch = inner, wrapped
         return self
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install the carried wheels, run the GPU tests, then the named benchmarks,
 # each under its own time limit, every log under $OUT. Usage (from the repository root, on the GPU
-# machine, with .whl carried):  bash benchmarks/gpu_session.sh [tests] [load] [sprint] [backbone] [e2e] [moe] [attention] [profile] [batch] [sprint_profile]
+# machine, with .whl carried):  bash benchmarks/gpu_session.sh [tests] [load] [sprint] [backbone] [e2e] [moe] [attention] [profile] [batch] [sprint_profile] [quant]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -13,7 +13,7 @@ git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/card.txt"
 for what in "$@"; do
   case "$what" in
     tests)  # the GPU tests, and the parity and SPRINT suites under the machine's torch/transformers
-      timeout 300 python3 -m pytest -q -m gpu tests/test_runtime.py tests/test_moe.py tests/test_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+      timeout 300 python3 -m pytest -q -m gpu tests/test_runtime.py tests/test_moe.py tests/test_attention.py tests/test_qmm.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
       timeout 200 python3 -m pytest -q -x tests/test_parity.py tests/test_sprint.py tests/test_sampling.py \
           2>&1 | tee "$OUT/cpu_tests_on_gpu_box.log" | tail -3 ;;
     load)  # the sweep: chat (32 steps, 128 tokens) and T2I 512 px at 1, 8, 32, 64 clients
@@ -37,6 +37,8 @@ for what in "$@"; do
       for rows in 1 32; do
         timeout 150 python3 benchmarks/profile_step.py --graph --rows "$rows" 2>&1 | tee "$OUT/profile_r$rows.log" | tail -1
       done ;;
+    quant)  # 8-bit weights: backbone step and DiT forward against bf16 in the same run
+      timeout 420 python3 benchmarks/bench_quant.py ${QUANT_ARGS:-} 2>&1 | tee "$OUT/bench_quant.log" | tail -16 ;;
     backbone)
       timeout 300 python3 benchmarks/bench_backbone.py --no-clear --batches ${BATCHES:-1,4,16,32} 2>&1 | tee "$OUT/bench_backbone.log" | tail -12 ;;
   esac

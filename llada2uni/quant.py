@@ -365,3 +365,23 @@ def quantize_backbone(model: nn.Module, mode: QuantMode) -> None:
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (8-bit weights count one byte each)."""
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def dit_linear(name: str, module: nn.Linear) -> bool:
+    """The DiT linears kept in FP8: attention and feed-forward of every transformer block (main
+    stack and both refiners), 99% of its weights. The embedders, the final layer and the adaLN
+    modulation (one token per image: nothing to gain) stay in the model's dtype."""
+    parts = name.split(".")
+    return parts[0] in ("layers", "noise_refiner", "context_refiner") and \
+        any(p in ("attention", "feed_forward") for p in parts) and module.in_features % 16 == 0 and \
+        module.out_features % 16 == 0
+
+
+def quantize_dit(model: nn.Module, mode: QuantMode = DIT_MODE, *, device: torch.device, dtype: torch.dtype) -> None:
+    """The Z-Image DiT's block linears (``dit_linear``) to ``mode`` in place, one layer at a time on
+    ``device``; everything else moves to ``device`` in ``dtype``. A DiT loaded on the CPU so never
+    exists in full precision on the device."""
+    device = torch.device(device)
+    quantize_linears(model, mode, dit_linear, device=device, dtype=dtype)
+    model.to(device)  # the rest (embedders, norms, modulation) as loaded
+    finalize(model, dtype)
