@@ -167,7 +167,8 @@ def use_fast_moe(model: LLaDA2MoeForLM, backend: str = "auto") -> str | None:
     dispatch = {"triton": moe_triton.experts_fused, "grouped": experts_grouped,
                 "reference": experts_reference}[backend]
     for m in moes:
-        m.dispatch = dispatch
+        old = m.dispatch  # a streamed layer's (``memory.ExpertStream``) keeps streaming around the new one
+        m.dispatch = old.stream.wrap(old.layer, dispatch) if hasattr(old, "stream") else dispatch
     return None if backend == "reference" else backend
 
 
