@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install the carried wheels, run the GPU tests, then the named benchmarks,
 # each under its own time limit, every log under $OUT. Usage (from the repository root, on the GPU
-# machine, with .whl carried):  bash benchmarks/gpu_session.sh [tests] [load] [sprint] [backbone] [e2e] [moe] [attention] [profile] [batch] [sprint_profile] [quant]
+# machine, with .whl carried):  bash benchmarks/gpu_session.sh [tests] [load] [sprint] [backbone] [e2e] [moe] [attention] [profile] [batch] [sprint_profile] [quant] [tiers]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -13,7 +13,7 @@ git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/card.txt"
 for what in "$@"; do
   case "$what" in
     tests)  # the GPU tests, and the parity and SPRINT suites under the machine's torch/transformers
-      timeout 300 python3 -m pytest -q -m gpu tests/test_runtime.py tests/test_moe.py tests/test_attention.py tests/test_qmm.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+      timeout 300 python3 -m pytest -q -m gpu tests/test_runtime.py tests/test_moe.py tests/test_attention.py tests/test_qmm.py tests/test_memory.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
       timeout 200 python3 -m pytest -q -x tests/test_parity.py tests/test_sprint.py tests/test_sampling.py \
           2>&1 | tee "$OUT/cpu_tests_on_gpu_box.log" | tail -3 ;;
     load)  # the sweep: chat (32 steps, 128 tokens) and T2I 512 px at 1, 8, 32, 64 clients
@@ -39,6 +39,11 @@ for what in "$@"; do
       done ;;
     quant)  # 8-bit weights: backbone step and DiT forward against bf16 in the same run
       timeout 420 python3 benchmarks/bench_quant.py ${QUANT_ARGS:-} 2>&1 | tee "$OUT/bench_quant.log" | tail -16 ;;
+    tiers)  # memory tiers: T2I 1024 and understanding 800 at --memory 80/24/16 (TIERS_QUANT: none,fp8)
+      for q in ${TIERS_QUANT:-fp8 none}; do
+        timeout ${TIERS_TIMEOUT:-290} python3 benchmarks/bench_tiers.py --quant $q --memory ${TIERS:-80,24,16} \
+            --max-seconds $(( ${TIERS_TIMEOUT:-290} - 60 )) 2>&1 | tee "$OUT/bench_tiers_$q.log" | tail -6
+      done ;;
     backbone)
       timeout 300 python3 benchmarks/bench_backbone.py --no-clear --batches ${BATCHES:-1,4,16,32} 2>&1 | tee "$OUT/bench_backbone.log" | tail -12 ;;
   esac

@@ -18,9 +18,29 @@ def _load(args):
     pipe = LLaDA2Uni.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
                                      keep_decoder=not getattr(args, "low_memory", False),
                                      image_device=getattr(args, "image_device", None),
-                                     fast=not getattr(args, "eager", False))
+                                     fast=not getattr(args, "eager", False), **_memory_kwargs(args))
     pipe.progress = not args.quiet
     return pipe
+
+
+QUANT_HELP = ("backbone weights: auto (an FP8 checkpoint stays FP8, bf16 stays bf16), none, fp8 (128x128 "
+              "blocks), fp8-channel, int8 (weight-only; also what fp8 becomes on GPUs without FP8)")
+MEMORY_HELP = ("GPU memory tier in GiB: 80 (everything resident), 24 (backbone, decoder and encoder take turns), "
+               "16 (and experts stream from pinned CPU memory), or any number of GiB")
+
+
+def _add_memory_args(p: argparse.ArgumentParser, dash: str = "_") -> None:
+    """--quant, --decoder_quant, --memory (``dash``: "-" for the server's option style)."""
+    p.add_argument("--quant", default="auto", choices=["auto", "none", "fp8", "fp8-channel", "int8"],
+                   help=QUANT_HELP)
+    p.add_argument(f"--decoder{dash}quant", dest="decoder_quant", default="auto", choices=["auto", "none", "fp8"],
+                   help="DiT block linears: fp8 (W8A8), none, auto (fp8 when the backbone is FP8)")
+    p.add_argument("--memory", default=None, help=MEMORY_HELP)
+
+
+def _memory_kwargs(args) -> dict:
+    return {"quant": getattr(args, "quant", None), "decoder_quant": getattr(args, "decoder_quant", None),
+            "memory": getattr(args, "memory", None)}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +50,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low_memory", action="store_true", help="free the diffusion decoder after each image")
     p.add_argument("--image_device", default=None, help="put the image side on another GPU, e.g. cuda:1")
     p.add_argument("--eager", action="store_true", help="clear eager path: no CUDA graphs, no compile")
+    _add_memory_args(p)
 
 
 def _add_decode_args(p: argparse.ArgumentParser, *, default_mode: str = "normal") -> None:
@@ -345,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--low-memory", action="store_true", help="free the diffusion decoder after each image")
+    _add_memory_args(p, dash="-")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $LLADA2UNI_API_KEY)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-batch", type=int, default=32, help="denoising requests sharing one forward")

@@ -334,6 +334,14 @@ class ExpertStream:
 def place_backbone(memory: Memory, model: nn.Module, name: str = "backbone") -> ExpertStream | None:
     """Put the backbone under ``memory``: whole, or with the routed experts of as many MoE layers as
     needed (``plan_backbone``, spread out) streamed. Returns the stream, or None."""
+    stream = _place_backbone(memory, model, name)
+    if getattr(model, "quant", None) is not None:  # on the device now: 8-bit linears pick their kernels
+        from .quant import finalize
+        finalize(model, model.lm_head.weight.dtype)
+    return stream
+
+
+def _place_backbone(memory: Memory, model: nn.Module, name: str) -> ExpertStream | None:
     moes = expert_layers(model)
     streamed = plan_backbone(model, memory.capacity)
     if not streamed:

@@ -6,10 +6,12 @@ Method names, arguments and return values follow the model card's remote-code AP
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -17,11 +19,15 @@ from torch import Tensor
 from .config import BackboneConfig
 from .models.backbone import LLaDA2MoeForLM
 from .ops.attention import block_causal_mask, rope_positions
+from .quant import decoder_mode
 from .sampling.block import DenoiseRequest, generate
 from .sampling.guidance import Guidance
 from .sampling.sprint import Sprint, supports
 from .tokens import Tokens, TokenError, align_rows
 from .weights import backbone_quant, load_backbone, resolve_checkpoint, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from .memory import Memory
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +79,10 @@ class LLaDA2Uni:
 
     def __init__(self, model: LLaDA2MoeForLM, tokens: Tokens, path: Path | None = None, *,
                  image_dtype: torch.dtype | None = None, keep_decoder: bool = True,
-                 image_device: str | torch.device | None = None) -> None:
+                 image_device: str | torch.device | None = None, memory=None) -> None:
         self.model = model
+        self.memory = memory  # a ``memory.Memory`` under a GPU budget, else None (everything resident)
+        self.decoder_quant = None  # the DiT's ``quant.QuantMode`` (from_pretrained's decoder_quant)
         self.tokens = tokens
         self.config: BackboneConfig = model.config
         self.path = path
@@ -96,28 +104,64 @@ class LLaDA2Uni:
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, revision: str | None = None,
                         keep_decoder: bool = True, image_device: str | torch.device | None = None,
-                        fast: bool = True, quant: str | None = None) -> "LLaDA2Uni":
+                        fast: bool = True, quant: str | None = None, decoder_quant: str | None = None,
+                        memory: "str | int | float | Memory | None" = None,
+                        reserve_gib: float | None = None) -> "LLaDA2Uni":
         """Load from a local folder or a Hub repo id. ``dtype`` defaults to bfloat16 (float32 on CPU).
 
         ``quant``: how the backbone's linear weights are kept ("auto": an FP8 checkpoint as FP8, a
         bf16 one as bf16; "none": full precision; "fp8", "fp8-channel", "int8": quantized while
-        loading, see ``quant.py``)."""
+        loading, see ``quant.py``). ``decoder_quant`` ("none", "fp8"; default: "fp8" when the
+        backbone is FP8): the DiT's block linears in FP8 (W8A8).
+        ``memory`` (GiB of the GPU: "80" everything resident, "24", "16", or any number): under a
+        budget the backbone, DiT and encoder take turns in one GPU arena, and the experts of some
+        layers stream from pinned memory if the backbone alone does not fit (``memory.py``);
+        ``reserve_gib`` is what the budget keeps outside the arena (default 4). A ``memory.Memory``
+        may be passed instead, for a budget and reserve of one's own."""
+        from .memory import DEFAULT_RESERVE_GIB, Memory, parse_tier, place_backbone
+
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, default=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        budget = memory if isinstance(memory, Memory) else parse_tier(memory)
+        if budget is not None and not isinstance(budget, Memory) and dev.type != "cuda":
+            log.warning("memory=%s is a GPU budget: ignored on %s (everything stays where it is)", memory, dev)
+            budget = None
         directory = resolve_checkpoint(path_or_repo, revision=revision)
         mode = backbone_quant(directory, quant, dev)
+        dit_mode = decoder_mode(decoder_quant, mode, dev)
         precompile = None
         if fast and dev.type == "cuda":  # the fast path's compile runs while the weights load
             from .config import BackboneConfig
             from .runtime import Precompile
             precompile = Precompile(BackboneConfig.from_file(directory / "config.json"), dev, dt, quant=mode)
-        model = load_backbone(directory, device=dev, dtype=dt, quant=mode or "none")
+        mem = None
+        if budget is not None:  # on the CPU first (8-bit weights quantized on the device), then the arena
+            mem = budget if isinstance(budget, Memory) else \
+                Memory(budget, dev, reserve_gib=DEFAULT_RESERVE_GIB if reserve_gib is None else reserve_gib)
+            model = load_backbone(directory, device=torch.device("cpu"), dtype=dt, quant=mode or "none",
+                                  quant_device=dev)
+        else:
+            model = load_backbone(directory, device=dev, dtype=dt, quant=mode or "none")
+        stream = place_backbone(mem, model) if mem is not None else None
         tokens = Tokens.from_pretrained(directory, model.config)
-        pipe = cls(model, tokens, directory, keep_decoder=keep_decoder, image_device=image_device)
+        pipe = cls(model, tokens, directory, keep_decoder=keep_decoder, image_device=image_device, memory=mem)
+        pipe.decoder_quant = dit_mode
         if fast and dev.type == "cuda":  # the fast path; fast=False keeps the clear eager path
-            from .runtime import accelerate
-            accelerate(pipe, precompile=precompile)
+            pipe.speed_up(precompile=precompile, streamed=stream is not None)
         return pipe
+
+    def speed_up(self, *, precompile=None, streamed: bool = False) -> None:
+        """``runtime.accelerate`` with the backbone held. ``streamed``: experts stream per layer
+        (copies launched from Python): compiled, without CUDA graphs."""
+        from .runtime import accelerate
+        with self.holding("backbone"):
+            accelerate(self, precompile=precompile, eager=streamed, compile_step=True if streamed else None,
+                       compile_decoder=True if streamed and self.image_device.type == "cuda" else None)
+
+    def holding(self, group: str):
+        """A context in which the memory ``group`` ("backbone", "encoder", "dit-turbo", ...) is resident
+        (a no-op without a memory budget)."""
+        return self.memory.hold(group) if self.memory is not None else contextlib.nullcontext()
 
     @property
     def device(self) -> torch.device:
@@ -217,6 +261,8 @@ class LLaDA2Uni:
             # SPRINT's pruned steps need a logits_fn that honours the cache view.
             log.info("SPRINT runs on the clear backbone path: this logits_fn does not support cache views")
             logits_fn = BackboneLogits(self.model, block_length)
+        if self.memory is not None:  # every forward holds the backbone (the decoder may take turns)
+            logits_fn = self.memory.holding(logits_fn, "backbone")
         out = generate(logits_fn, requests, mask_id=self.tokens.ids.mask, block_length=block_length,
                        use_cache=self.use_cache, device=self.device,
                        progress=on_block or (progress if bar is not None else None),
@@ -564,8 +610,14 @@ class LLaDA2Uni:
         """The SigLIP-VQ encoder from ``image_tokenizer/``, loaded on first use and kept."""
         if self._image_tokenizer is None:
             from .models.image_tokenizer import ImageTokenizer
-            self._image_tokenizer = ImageTokenizer.from_pretrained(
-                self._image_root() / "image_tokenizer", device=self.image_device, dtype=self.image_dtype)
+            folder = self._image_root() / "image_tokenizer"
+            if self.memory is None:
+                self._image_tokenizer = ImageTokenizer.from_pretrained(folder, device=self.image_device,
+                                                                       dtype=self.image_dtype)
+            else:  # loaded on the CPU, then a group of the arena
+                tok = ImageTokenizer.from_pretrained(folder, device="cpu", dtype=self.image_dtype)
+                self.memory.add("encoder", tok)
+                self._image_tokenizer = tok
         return self._image_tokenizer
 
     @property
@@ -577,6 +629,7 @@ class LLaDA2Uni:
                 self._image_root(), device=self.image_device, dtype=self.image_dtype,
                 keep_resident=self.keep_decoder)
             self._image_decoder.compile_dit = self.compile_decoder
+            self._image_decoder.memory, self._image_decoder.quant = self.memory, self.decoder_quant
         return self._image_decoder
 
     def encode_image(self, image, *, mode: str = "understand", num_images: int = 1) -> tuple[list[int], int, int]:
@@ -587,7 +640,9 @@ class LLaDA2Uni:
         """
         from .preprocess import load_image
         picture = load_image(image)
-        codes, grids = self.image_tokenizer.encode([picture], mode=mode, num_images=num_images)
+        tokenizer = self.image_tokenizer
+        with self.holding("encoder"):
+            codes, grids = tokenizer.encode([picture], mode=mode, num_images=num_images)
         h, w = grids[0]
         return (codes[0] + self.tokens.ids.image_offset).tolist(), h, w
 

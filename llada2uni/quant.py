@@ -320,9 +320,12 @@ def finalize(model: nn.Module, dtype: torch.dtype, act_device: torch.device | No
             m.kernel = pick(act_device or m.weight.device, dtype, m.weight, m.weight_scale, m.block, m.mode.act)
 
 
-def quantize_linears(root: nn.Module, mode: QuantMode, keep, *, device: torch.device, dtype: torch.dtype) -> None:
+def quantize_linears(root: nn.Module, mode: QuantMode, keep, *, device: torch.device, dtype: torch.dtype,
+                     store: torch.device | None = None) -> None:
     """Quantize the loaded ``nn.Linear`` layers of ``root`` whose name ``keep`` accepts, in place, one
-    at a time on ``device`` (a model loaded on the CPU reaches the device already quantized)."""
+    at a time on ``device`` (a model loaded on the CPU reaches the device already quantized). The
+    8-bit tensors are kept on ``store`` (default ``device``; the CPU for a memory group)."""
+    store = device if store is None else torch.device(store)
     for name, module in list(root.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
@@ -331,12 +334,12 @@ def quantize_linears(root: nn.Module, mode: QuantMode, keep, *, device: torch.de
             q = QuantLinear(child.in_features, child.out_features, child.bias is not None, mode)
             with torch.no_grad():
                 w, s = quantize(child.weight.detach().to(device), mode.dtype, q.block)
-                q.weight = nn.Parameter(w, requires_grad=False)
-                q.weight_scale = nn.Parameter(s.to(device), requires_grad=False)
+                q.weight = nn.Parameter(w.to(store), requires_grad=False)
+                q.weight_scale = nn.Parameter(s.to(store), requires_grad=False)
                 if child.bias is not None:
-                    q.bias = nn.Parameter(child.bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+                    q.bias = nn.Parameter(child.bias.detach().to(device=store, dtype=dtype), requires_grad=False)
             setattr(module, child_name, q)
-    finalize(root, dtype)
+    finalize(root, dtype, act_device=device)
 
 
 def quantize_backbone(model: nn.Module, mode: QuantMode) -> None:
@@ -377,11 +380,35 @@ def dit_linear(name: str, module: nn.Linear) -> bool:
         module.out_features % 16 == 0
 
 
-def quantize_dit(model: nn.Module, mode: QuantMode = DIT_MODE, *, device: torch.device, dtype: torch.dtype) -> None:
+def quantize_dit(model: nn.Module, mode: QuantMode = DIT_MODE, *, device: torch.device, dtype: torch.dtype,
+                 store: torch.device | None = None) -> None:
     """The Z-Image DiT's block linears (``dit_linear``) to ``mode`` in place, one layer at a time on
-    ``device``; everything else moves to ``device`` in ``dtype``. A DiT loaded on the CPU so never
-    exists in full precision on the device."""
+    ``device``; everything else moves to ``store`` (default ``device``) in ``dtype``. A DiT loaded on
+    the CPU so never exists in full precision on the device; with ``store="cpu"`` (a memory group,
+    placed afterwards) it is not on the device at all."""
     device = torch.device(device)
-    quantize_linears(model, mode, dit_linear, device=device, dtype=dtype)
-    model.to(device)  # the rest (embedders, norms, modulation) as loaded
-    finalize(model, dtype)
+    store = device if store is None else torch.device(store)
+    quantize_linears(model, mode, dit_linear, device=device, dtype=dtype, store=store)
+    model.to(store)  # the rest (embedders, norms, modulation) as loaded
+    finalize(model, dtype, act_device=device)
+
+
+DECODER_QUANT_CHOICES = ("auto", "none", "fp8")
+
+
+def decoder_mode(decoder_quant: str | None, backbone: QuantMode | None,
+                 device: torch.device | None = None) -> QuantMode | None:
+    """The DiT's mode for ``decoder_quant``: "fp8" (W8A8 block linears, ``DIT_MODE``), "none", or
+    "auto"/None: FP8 when the backbone is kept in FP8, else full precision. FP8 activations need FP8
+    tensor cores: on a GPU before Ada/Hopper "fp8" is an error and "auto" full precision."""
+    key = "auto" if decoder_quant is None else str(decoder_quant).lower()
+    if key not in DECODER_QUANT_CHOICES:
+        raise ValueError(f"decoder_quant must be one of {', '.join(DECODER_QUANT_CHOICES)}; got {decoder_quant!r}")
+    fp8_ok = device is None or device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+    if key == "fp8":
+        if not fp8_ok:
+            raise ValueError("decoder_quant='fp8' needs a GPU with FP8 tensor cores (Ada, Hopper or newer)")
+        return DIT_MODE
+    if key == "auto" and backbone is not None and backbone.dtype == torch.float8_e4m3fn and fp8_ok:
+        return DIT_MODE
+    return None

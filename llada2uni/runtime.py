@@ -818,7 +818,8 @@ def warm_up(pipe, *, max_rows: int = 64, size: tuple[int, int] | None = (1024, 1
         grid = (size[0] // 32, size[1] // 32)  # 16 px per code, x2 by the decoder
         header = len(pipe.tokens.t2i_prompts("warm up", *grid)[0])
         image_lengths.append(header + grid[0] * grid[1] + 2 * fn.block_length)
-    report = {"backbone": fn.warm_up(rows, tuple(lengths), tuple(image_lengths))}
+    with pipe.holding("backbone"):  # under a memory budget the DiT may hold the arena
+        report = {"backbone": fn.warm_up(rows, tuple(lengths), tuple(image_lengths))}
     if fn.precompiled:  # the step's compile, done in the background while the weights loaded
         report["precompiled"] = fn.precompiled
     if grid is not None and getattr(pipe, "compile_decoder", False):

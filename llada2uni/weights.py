@@ -157,7 +157,8 @@ def tensor_meta(files: dict[str, Path]) -> tuple[dict[str, str], dict[str, tuple
 
 def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: torch.device,
                     dtype_of: Callable[[str], torch.dtype], optional: tuple[str, ...] = (),
-                    quant_config: dict | None = None, quant_blocks: dict[str, tuple[int, int]] | None = None) -> None:
+                    quant_config: dict | None = None, quant_blocks: dict[str, tuple[int, int]] | None = None,
+                    quant_device: torch.device | None = None) -> None:
     """Fill a meta-built ``model`` from the shards in ``directory``.
 
     ``plan`` maps checkpoint names to targets with ``param``, ``index`` and ``shape``. Names ending
@@ -165,7 +166,7 @@ def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: to
     by ``quant.discover`` from ``quant_config`` and the tensors themselves) are dequantized into their
     targets' dtype; their scales are consumed. ``quant_blocks`` (8-bit parameter -> scale block, from
     ``quant.prepare_backbone``): those parameters are kept 8-bit, FP8 tensors of the same blocks copied
-    as they are, anything else quantized on ``device`` as it streams.
+    as they are, anything else quantized on ``quant_device`` (default ``device``) as it streams.
     """
     from safetensors import safe_open
 
@@ -241,7 +242,7 @@ def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: to
                         sdest.copy_(scale.float().view(sdest.shape))
                         continue
                     full = tensor if scale is None else dequantize(tensor, scale, layout, torch.float32)
-                    q, s = quantize(full.to(device), dest.dtype, block)
+                    q, s = quantize(full.to(quant_device or device), dest.dtype, block)
                     dest.copy_(q)
                     sdest.copy_(s)
                     continue
@@ -270,18 +271,21 @@ def backbone_quant(directory: Path, quant, device: torch.device):
     return resolve_mode(quant, layout, device)
 
 
-def load_backbone(directory: Path, *, device: torch.device, dtype: torch.dtype, quant=None):
+def load_backbone(directory: Path, *, device: torch.device, dtype: torch.dtype, quant=None,
+                  quant_device: torch.device | None = None):
     """Config + strict weight load of the LLaDA2 MoE backbone from a checkpoint folder.
 
     ``quant`` (``quant.resolve_mode``: "auto", "none", "fp8", "fp8-channel", "int8"): how its linear
-    weights are kept; "auto" (None) keeps an FP8 checkpoint FP8 and a bf16 one bf16."""
+    weights are kept; "auto" (None) keeps an FP8 checkpoint FP8 and a bf16 one bf16. ``quant_device``:
+    where bf16 weights are quantized as they stream (a backbone loaded on the CPU for a memory budget
+    is quantized on the GPU, tensor by tensor); the mode is resolved for it too."""
     from .config import BackboneConfig, read_json
     from .models.backbone import OPTIONAL_SUFFIXES, LLaDA2MoeForLM, param_dtype, remap
     from .quant import finalize, prepare_backbone
 
     raw = read_json(directory / "config.json", "config file")
     config = BackboneConfig.from_dict(raw)
-    mode = backbone_quant(directory, quant, device)
+    mode = backbone_quant(directory, quant, quant_device or device)
     with torch.device("meta"):
         model = LLaDA2MoeForLM(config)
     blocks = prepare_backbone(model, mode) if mode is not None else None
@@ -290,7 +294,7 @@ def load_backbone(directory: Path, *, device: torch.device, dtype: torch.dtype, 
                  else f"{mode.block[0]}x{mode.block[1]} blocks")
     load_checkpoint(model, directory, remap(config), device=device,
                     dtype_of=lambda name: param_dtype(name, dtype), optional=OPTIONAL_SUFFIXES,
-                    quant_config=raw.get("quantization_config"), quant_blocks=blocks)
+                    quant_config=raw.get("quantization_config"), quant_blocks=blocks, quant_device=quant_device)
     if mode is not None:
         finalize(model, dtype)
     model.quant = mode

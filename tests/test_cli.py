@@ -79,3 +79,20 @@ def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
     assert main(["understand", *common, "--image", str(bad)]) == 2
     assert "image" in capsys.readouterr().err.lower()
     assert main(["understand", *common, "--image", str(tmp_path / "missing.png")]) == 2
+
+
+def test_quant_and_memory_options_reach_from_pretrained(tiny_dir, monkeypatch, capsys):
+    from llada2uni.cli import build_parser
+    from llada2uni.pipeline import LLaDA2Uni
+    seen = {}
+    real = LLaDA2Uni.from_pretrained.__func__
+
+    def spy(cls, path, **kw):
+        seen.update(kw)
+        return real(cls, path, **kw)
+    monkeypatch.setattr(LLaDA2Uni, "from_pretrained", classmethod(spy))
+    assert main(["chat", "--model_path", str(tiny_dir), "--device", "cpu", "--quant", "int8",
+                 "--decoder_quant", "none", "--memory", "16", "--steps", "2", "--gen_length", "8", "hi"]) == 0
+    assert (seen["quant"], seen["decoder_quant"], seen["memory"]) == ("int8", "none", "16")
+    args = build_parser().parse_args(["serve", "--model", "tiny", "--memory", "24", "--decoder-quant", "fp8"])
+    assert (args.memory, args.decoder_quant, args.quant) == ("24", "fp8", "auto")

@@ -124,3 +124,81 @@ def test_held_calls_hold_their_group():
     fn.flag = 3  # attributes pass through to the wrapped callable
     fn()
     assert seen == ["a"] and mem.resident == "a"
+
+
+# ---- the pipeline under a budget (CPU "device": the same arena logic, no pinned memory) ----
+
+def _pipe(tiny_dir, **kw):
+    from llada2uni.pipeline import LLaDA2Uni
+    return LLaDA2Uni.from_pretrained(tiny_dir, device="cpu", dtype="float32", **kw)
+
+
+def test_a_pipeline_with_streamed_experts_answers_as_the_resident_one(tiny_dir):
+    resident = _pipe(tiny_dir, quant="int8")
+    # the tiny backbone's tensors less a byte: the experts of its MoE layers must stream
+    mem = _memory(_bytes(resident.model) - 1)
+    pipe = _pipe(tiny_dir, quant="int8", memory=mem)
+    assert pipe.memory is mem and streamed_layers(pipe.model) == 2
+    assert mem.stats()["groups"].keys() == {"backbone"}
+    for p in (resident, pipe):
+        p.answers = [p.chat("Hello there", steps=8, gen_length=32, seed=0),
+                     p.chat("And again", steps=4, gen_length=16, seed=1)]
+    assert pipe.answers == resident.answers
+
+
+def test_backbone_encoder_and_decoder_take_turns_with_the_resident_results(tiny_dir):
+    from PIL import Image
+    resident = _pipe(tiny_dir, decoder_quant="fp8")
+    mem = _memory(2 * _bytes(resident.image_decoder.dit("turbo")))  # any one part fits, not all at once
+    pipe = _pipe(tiny_dir, decoder_quant="fp8", memory=mem)
+    picture = Image.new("RGB", (128, 96), (200, 30, 30))
+    out = {}
+    for name, p in (("resident", resident), ("budget", pipe)):
+        t2i = p.generate_image("a red square", 128, 128, steps=4, seed=0)
+        image = p.decode_tokens(t2i["token_ids"], t2i["h"], t2i["w"], mode="turbo", seed=0)
+        tokens = p.encode_image(picture)
+        answer = p.understand_image(picture, question="What?", steps=4, gen_length=8)
+        again = p.decode_tokens(t2i["token_ids"], t2i["h"], t2i["w"], mode="turbo", seed=0)
+        out[name] = (t2i["token_ids"], image.tobytes(), tokens, answer, again.tobytes())
+    assert out["budget"] == out["resident"]
+    stats = mem.stats()
+    assert stats["groups"].keys() == {"backbone", "dit-turbo", "encoder"}
+    assert stats["arena_gib"] * GIB < _bytes(pipe.model) + _bytes(pipe.image_decoder.dit("turbo"))
+    # adds: backbone, dit (first decode), encoder; then back to the backbone and to the dit
+    assert mem.swaps == 5
+    from llada2uni.quant import QuantLinear
+    assert any(isinstance(m, QuantLinear) for m in pipe.image_decoder.dit("turbo").modules())
+
+
+def test_memory_option_validation(tiny_dir):
+    with pytest.raises(ValueError, match="memory must be one of"):
+        _pipe(tiny_dir, memory="lots")
+    with pytest.raises(ValueError, match="decoder_quant must be one of"):
+        _pipe(tiny_dir, decoder_quant="nf4")
+    assert _pipe(tiny_dir, memory="24").memory is None  # a GPU budget: nothing to do on the CPU
+    with pytest.raises(BudgetError, match="backbone needs"):
+        _pipe(tiny_dir, memory=_memory(4096))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stream", [False, True])
+def test_fast_path_under_a_budget_matches_the_resident_fast_path_on_gpu(tiny_dir, stream):
+    """CUDA graphs captured over the arena survive the DiT using it in between; streamed experts
+    (compiled step, no graphs) give the resident result."""
+    from llada2uni.pipeline import LLaDA2Uni
+    kw = dict(device="cuda", dtype="bfloat16", quant="fp8", decoder_quant="fp8")
+    resident = LLaDA2Uni.from_pretrained(tiny_dir, **kw)
+    need = _bytes(resident.model) - 1 if stream else 2 * max(_bytes(resident.model),
+                                                             _bytes(resident.image_decoder.dit("turbo")))
+    pipe = LLaDA2Uni.from_pretrained(tiny_dir, memory=Memory(need / GIB, "cuda", reserve_gib=0), **kw)
+    if stream:  # the tiny DiT is larger than the tiny backbone: it stays resident beside the arena
+        pipe.image_decoder.memory = None
+    assert (streamed_layers(pipe.model) > 0) == stream
+    out = {}
+    for name, p in (("resident", resident), ("budget", pipe)):
+        a = p.chat("Hello there", steps=8, gen_length=32, seed=0)
+        t2i = p.generate_image("a red square", 128, 128, steps=4, seed=0)
+        image = p.decode_tokens(t2i["token_ids"], t2i["h"], t2i["w"], mode="turbo", seed=0)
+        b = p.chat("Hello there", steps=8, gen_length=32, seed=0)  # after the DiT used the arena
+        out[name] = (a, t2i["token_ids"], b, image.size)
+    assert out["budget"] == out["resident"]

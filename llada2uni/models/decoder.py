@@ -11,6 +11,7 @@ file with ``assign=True`` from a hard-coded file name only).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -362,6 +363,10 @@ class ImageDecoder:
         # Regional torch.compile of the repeated transformer blocks (set by runtime.accelerate):
         # about 1.45x faster at 1024 px on an H200 (benchmarks/RESULTS.md).
         self.compile_dit = False
+        # Set by the pipeline: a ``memory.Memory`` (each DiT a group of its arena, loaded on the CPU
+        # and brought in per decode) and the DiT's ``quant.QuantMode`` (None: full precision).
+        self.memory = None
+        self.quant = None
 
     @classmethod
     def from_pretrained(cls, checkpoint_root: str | Path, device: str | torch.device | None = None,
@@ -387,7 +392,19 @@ class ImageDecoder:
             if not folder.is_dir():
                 hint = ' (use mode="normal" with the decoder/ weights)' if mode == "turbo" else ""
                 raise CheckpointError(f"decode mode {mode!r} needs {folder}, which does not exist{hint}")
-            model = load_dit(folder, self.device, self.dtype, cap_feat_dim=self.sigvq.dim)
+            staged = self.memory is not None or self.quant is not None
+            cpu = torch.device("cpu")
+            # quantized or placed in the arena: loaded on the CPU first, so the full-precision DiT
+            # never sits on the device
+            model = load_dit(folder, cpu if staged else self.device, self.dtype, cap_feat_dim=self.sigvq.dim)
+            if self.quant is not None:
+                from ..quant import quantize_dit
+                quantize_dit(model, self.quant, device=self.device, dtype=self.dtype,
+                             store=cpu if self.memory is not None else self.device)
+            elif staged:
+                model.to(self.device)
+            if self.memory is not None:
+                self.memory.add(self.group(mode), model)
             if model.config.in_channels != self.vae.config.latent_channels:
                 raise CheckpointError(f"{folder}: in_channels {model.config.in_channels} != the VAE's "
                                       f"latent_channels {self.vae.config.latent_channels}")
@@ -396,8 +413,16 @@ class ImageDecoder:
             self._dits[mode] = model
         return self._dits[mode]
 
+    @staticmethod
+    def group(mode: str) -> str:
+        """The memory group of the DiT for ``mode``."""
+        return f"dit-{mode}"
+
     def release(self) -> None:
-        """Free the DiTs (SigVQ and the VAE, 0.4 GB, stay); they reload on the next decode."""
+        """Free the DiTs (SigVQ and the VAE, 0.4 GB, stay); they reload on the next decode. Under a
+        memory budget they stay as groups (their pinned copies are what "reload" means there)."""
+        if self.memory is not None:
+            return
         self._dits.clear()
         gc.collect()
         if self.device.type == "cuda":
@@ -480,24 +505,26 @@ class ImageDecoder:
             raise ValueError(f"resolution_multiplier must be a positive integer, got {resolution_multiplier!r}")
         cap = self.conditioning(codes, h, w)  # [4hw, D]
         dit = self.dit(mode)
-        try:
-            hl, wl = self._check_positions(dit, h, w, resolution_multiplier)
-            gen = torch.Generator(device=self.device)
-            if seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(seed)
-            z = torch.randn([1, dit.config.in_channels, 1, hl, wl], generator=gen, device=self.device)
-            if mode == "normal":
-                scale = 1.0 if cfg_scale is None else cfg_scale
-                # CFG rows: [conditioned, zero conditioning] (spec 6: the negative is all zeros)
-                caps = [cap, torch.zeros_like(cap)] if scale > 0 else [cap]
-                x = sample_normal(self._velocity_fn(dit, caps), z, normal_time_grid(steps, NORMAL_SHIFT),
-                                  cfg_scale=scale, progress=progress)
-            else:
-                x = sample_turbo(self._velocity_fn(dit, [cap]), z, turbo_time_grid(steps), gen, progress=progress)
-        finally:
-            del dit
-            if not self.keep_resident:
-                self.release()
+        # under a memory budget the DiT's group is resident for the whole sampling
+        with self.memory.hold(self.group(mode)) if self.memory is not None else contextlib.nullcontext():
+            try:
+                hl, wl = self._check_positions(dit, h, w, resolution_multiplier)
+                gen = torch.Generator(device=self.device)
+                if seed is None:
+                    gen.seed()
+                else:
+                    gen.manual_seed(seed)
+                z = torch.randn([1, dit.config.in_channels, 1, hl, wl], generator=gen, device=self.device)
+                if mode == "normal":
+                    scale = 1.0 if cfg_scale is None else cfg_scale
+                    # CFG rows: [conditioned, zero conditioning] (spec 6: the negative is all zeros)
+                    caps = [cap, torch.zeros_like(cap)] if scale > 0 else [cap]
+                    x = sample_normal(self._velocity_fn(dit, caps), z, normal_time_grid(steps, NORMAL_SHIFT),
+                                      cfg_scale=scale, progress=progress)
+                else:
+                    x = sample_turbo(self._velocity_fn(dit, [cap]), z, turbo_time_grid(steps), gen, progress=progress)
+            finally:
+                del dit
+                if not self.keep_resident:
+                    self.release()
         return latents_to_image(self.vae, x.squeeze(2))

@@ -13,9 +13,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def load_model(model: str, *, device: str | None = None, dtype: str | None = None, low_memory: bool = False):
+def load_model(model: str, *, device: str | None = None, dtype: str | None = None, low_memory: bool = False,
+               quant: str | None = None, decoder_quant: str | None = None, memory: str | None = None):
     """``model``: a checkpoint folder, a Hub repo id, or ``tiny`` (a tiny random checkpoint made now,
-    on the CPU unless a device is given). Returns (pipe, cleanup)."""
+    on the CPU unless a device is given); ``quant``, ``decoder_quant``, ``memory``: as
+    ``LLaDA2Uni.from_pretrained``. Returns (pipe, cleanup)."""
     from ..pipeline import LLaDA2Uni
 
     cleanup = None
@@ -26,7 +28,8 @@ def load_model(model: str, *, device: str | None = None, dtype: str | None = Non
         model = str(make_tiny(Path(tmp) / "tiny"))
         device = device or "cpu"
     try:
-        pipe = LLaDA2Uni.from_pretrained(model, device=device, dtype=dtype, keep_decoder=not low_memory)
+        pipe = LLaDA2Uni.from_pretrained(model, device=device, dtype=dtype, keep_decoder=not low_memory,
+                                         quant=quant, decoder_quant=decoder_quant, memory=memory)
     except BaseException:
         if cleanup:
             cleanup()
@@ -63,7 +66,9 @@ def serve(args) -> int:
                           allow_remote_images=args.allow_remote_images,
                           warm_up=getattr(args, "warm_up", True))
     app = create_app(config, loader=partial(load_model, args.model, device=args.device, dtype=args.dtype,
-                                            low_memory=args.low_memory))
+                                            low_memory=args.low_memory, quant=getattr(args, "quant", None),
+                                            decoder_quant=getattr(args, "decoder_quant", None),
+                                            memory=getattr(args, "memory", None)))
     print(f"llada2uni: serving {model_id} on http://{args.host}:{args.port}/ (model loading; GET /ready)",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
