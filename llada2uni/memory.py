@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 GIB = 1024 ** 3
 ALIGN = 256  # bytes: every tensor starts aligned for the kernels that read it
 TIERS = ("80", "24", "16")
-DEFAULT_RESERVE_GIB = 4.0
+# beside the arena: KV cache, activations, the 1024 px decode (DiT activations, VAE), SigVQ, the VAE,
+# and the caching allocator's slack; measured at 4.6-5.4 GiB of reserved memory on an H100
+# (benchmarks/RESULTS.md, memory tiers)
+DEFAULT_RESERVE_GIB = 6.0
 
 
 class BudgetError(RuntimeError):

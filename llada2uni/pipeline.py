@@ -116,7 +116,7 @@ class LLaDA2Uni:
         ``memory`` (GiB of the GPU: "80" everything resident, "24", "16", or any number): under a
         budget the backbone, DiT and encoder take turns in one GPU arena, and the experts of some
         layers stream from pinned memory if the backbone alone does not fit (``memory.py``);
-        ``reserve_gib`` is what the budget keeps outside the arena (default 4). A ``memory.Memory``
+        ``reserve_gib`` is what the budget keeps outside the arena (default 6). A ``memory.Memory``
         may be passed instead, for a budget and reserve of one's own."""
         from .memory import DEFAULT_RESERVE_GIB, Memory, parse_tier, place_backbone
 

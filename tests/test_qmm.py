@@ -202,4 +202,7 @@ def test_quantized_backbone_fast_step_matches_its_clear_path_on_gpu(quant):
             m.dispatch = experts_reference
     with torch.no_grad():
         want = model(ids, rope_positions(0, 96, pads), block_causal_mask(0, 96, pads, 32), num_logits=32).float()
-    assert ((got - want).norm() / want.norm()) < 2e-2
+    # per position: a router near a tie may pick another expert on the other path (a few positions
+    # then differ a lot); a kernel error would move every position
+    err = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert err.median() < 2e-2 and (err < 5e-2).float().mean() >= 0.85, err
