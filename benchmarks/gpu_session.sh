@@ -39,11 +39,12 @@ for what in "$@"; do
       done ;;
     quant)  # 8-bit weights: backbone step and DiT forward against bf16 in the same run
       timeout 420 python3 benchmarks/bench_quant.py ${QUANT_ARGS:-} 2>&1 | tee "$OUT/bench_quant.log" | tail -16 ;;
-    tiers)  # memory tiers: T2I 1024 and understanding 800 at --memory 80/24/16 (TIERS_QUANT: none,fp8)
-      for q in ${TIERS_QUANT:-fp8 none}; do
-        timeout ${TIERS_TIMEOUT:-290} python3 benchmarks/bench_tiers.py --quant $q --memory ${TIERS:-80,24,16} \
-            --max-seconds $(( ${TIERS_TIMEOUT:-290} - 60 )) 2>&1 | tee "$OUT/bench_tiers_$q.log" | tail -6
-      done ;;
+    tiers)  # memory tiers: T2I 1024 and understanding 800 (TIERS_QUANT: fp8 none; TIERS: 80 24 16), one
+      # process per tier: an arena view that outlives its pipeline would keep the arena allocated
+      for q in ${TIERS_QUANT:-fp8 none}; do for t in ${TIERS:-80 24 16}; do
+        timeout ${TIERS_TIMEOUT:-200} python3 benchmarks/bench_tiers.py --quant $q --memory $t \
+            --max-seconds $(( ${TIERS_TIMEOUT:-200} - 60 )) 2>&1 | tee "$OUT/bench_tiers_${q}_$t.log" | tail -1
+      done; done ;;
     backbone)
       timeout 300 python3 benchmarks/bench_backbone.py --no-clear --batches ${BATCHES:-1,4,16,32} 2>&1 | tee "$OUT/bench_backbone.log" | tail -12 ;;
   esac
