@@ -377,7 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=32.0)
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="per uploaded image")
     p.add_argument("--default-size", default="1024x1024", help="image size when a request gives none")
-    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image_url in chat")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image_url in chat (public addresses only, one deadline per fetch)")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="Host header names answered (default: loopback names on a loopback bind, any otherwise; "
+                        "'*': any)")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="other web origins allowed to send requests (e.g. http://localhost:3000; '*': any)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds running requests get after SIGTERM (waiting ones get 503 at once)")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="skip compiling and capturing the fast path at start (the first requests pay it)")
     p.set_defaults(func=cmd_serve)

@@ -502,12 +502,15 @@ def test_serve_command_defaults_and_tiny(monkeypatch):
 
     args = build_parser().parse_args(["serve", "--model", "tiny"])
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
-    apps = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **kw: apps.append((app, kw)))
+    servers = []
+    monkeypatch.setattr("llada2uni.server.net.Server.run", lambda self, *a, **k: servers.append(self))
     monkeypatch.delenv("LLADA2UNI_API_KEY", raising=False)
     assert main.serve(args) == 0
-    app, kw = apps[0]
-    assert kw["host"] == "127.0.0.1"
+    config = servers[0].config
+    assert (config.host, config.port, config.timeout_graceful_shutdown) == ("127.0.0.1", 8000, 30)
+    app = config.app
+    monkeypatch.undo()  # the real Server.run again, for serve_in_thread
+    assert app.state.llada2uni.config.allowed_hosts == ("localhost", "127.0.0.1", "::1")  # loopback bind
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         wait_for(lambda: c.get("/ready").status_code == 200, timeout=120)
         assert c.get("/v1/models").json()["data"][0]["id"] == "llada2uni-tiny"

@@ -143,6 +143,30 @@ def test_stop_cancels_waiting_jobs(pipe):
         s.submit(chat(pipe, "Hi"))
 
 
+def test_drain_ends_waiting_jobs_and_lets_started_ones_finish(pipe):
+    from llada2uni.server.scheduler import ShuttingDown
+    s = Scheduler(pipe).start()
+    try:
+        gate, inside = threading.Event(), threading.Event()
+
+        def slow(job):  # started: its first work item runs on the worker, then it asks for more
+            job.call(lambda: (inside.set(), gate.wait(10)))
+            return job.call(lambda: "finished")
+        running = s.submit(slow)
+        assert inside.wait(10)
+        waiting = s.submit(chat(pipe, "Hi"))
+        wait_for(lambda: s.stats()["waiting_work"] == 1)
+        assert s.drain() == 1
+        with pytest.raises(ShuttingDown):
+            waiting.future.result(10)
+        with pytest.raises(ShuttingDown):
+            s.submit(chat(pipe, "Hi"))
+        gate.set()
+        assert running.future.result(10) == "finished"  # its later work was still taken
+    finally:
+        s.stop()
+
+
 def test_a_finished_request_leaves_before_the_batch_ends(pipe):
     # A short answer and a long one in one batch: the short one is delivered at the block boundary
     # where it completes, while the long one is still being denoised (its progress events go on).

@@ -14,7 +14,8 @@ import logging
 import secrets
 import threading
 import time
-import urllib.request
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -23,10 +24,11 @@ from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 
 from . import tasks
 from .protocol import (APIError, ChatBody, ImageEditBody, ImageGenerationBody, ImageOptions, check_sides,
@@ -57,36 +59,98 @@ class ServerConfig:
     default_size: str = "1024x1024"
     allow_remote_images: bool = False  # fetch http(s) image_url in chat messages
     warm_up: bool = True  # compile and capture the fast path's shapes before /ready (runtime.warm_up)
+    # chat text, checked before anything is tokenised: a request's messages and their characters
+    max_messages: int = 256
+    max_chat_chars: int = 256 * 1024
+    # slow or stalled clients: request line + headers (net.GuardedH11Protocol), then the whole body
+    header_timeout: float = 15.0
+    body_timeout: float = 60.0
+    # SIGTERM/SIGINT: waiting requests get 503 at once, running ones this long before they are cancelled
+    shutdown_timeout: float = 30.0
+    # Host headers accepted (None: any; the default, loopback names, stops DNS rebinding of a local
+    # server); Origins accepted beside the server's own for requests that change state ("*": any)
+    allowed_hosts: tuple[str, ...] | None = ("localhost", "127.0.0.1", "::1")
+    allowed_origins: tuple[str, ...] = ()
+    # --allow-remote-images: one deadline per fetch, fetches at once (their own threads)
+    remote_timeout: float = 15.0
+    remote_fetches: int = 4
+    remote_allow_private: bool = False  # tests only: fetch from loopback/private addresses
 
 
 class BodyTooLarge(Exception):
     pass
 
 
-class _BodyLimit:
-    """ASGI middleware: a request body over the limit is a 413, by Content-Length or as it streams in."""
+class BodyTimeout(Exception):
+    pass
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+
+_SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+def _host_name(value: str) -> str:
+    """'example.com:8000' / '[::1]:8000' -> the host name, lower case, without the port."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class _Guard:
+    """ASGI middleware at the edge of the app:
+
+    * the Host header must be one of ``allowed_hosts`` (DNS rebinding of a local server);
+    * a state-changing request (not GET/HEAD/OPTIONS) with an Origin header must come from the
+      server's own origin or one of ``allowed_origins`` (another site's page cannot drive it);
+    * the body may not exceed ``max_bytes`` (by Content-Length or as it streams in: 413) and must
+      arrive within ``body_timeout`` seconds (408).
+    """
+
+    def __init__(self, app, config: ServerConfig) -> None:
+        self.app, self.config = app, config
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        c = self.config
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if c.allowed_hosts is not None and _host_name(host) not in c.allowed_hosts:
+            return await _send_error(send, APIError(
+                403, f"Host {host!r} is not one this server answers to (allowed: {', '.join(c.allowed_hosts)}; "
+                "serve --allowed-hosts adds names)", type="permission_error", code="host_not_allowed"))
+        origin = headers.get(b"origin")
+        if origin is not None and scope["method"] not in _SAFE_METHODS:
+            origin = origin.decode("latin-1")
+            own = urllib.parse.urlsplit(origin).netloc.lower() == host.lower()
+            if not own and origin not in c.allowed_origins and "*" not in c.allowed_origins:
+                return await _send_error(send, APIError(
+                    403, f"cross-origin request from {origin!r} refused (serve --allowed-origins allows one)",
+                    type="permission_error", code="origin_not_allowed"))
+        length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit():
                 return await _send_error(send, APIError(400, "invalid Content-Length header"))
-            if int(length) > self.max_bytes:
-                return await _send_error(send, _too_large(self.max_bytes))
-        seen = 0
+            if int(length) > c.max_body_bytes:
+                return await _send_error(send, _too_large(c.max_body_bytes))
+        seen, done = 0, False
+        deadline = time.monotonic() + c.body_timeout
 
         async def limited():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, done
+            if done:  # the body is in: what follows is the disconnect, which may take as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise BodyTimeout() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > c.max_body_bytes:
                     raise BodyTooLarge()
+                done = not message.get("more_body", False)
+            else:
+                done = True
             return message
         await self.app(scope, limited, send)
 
@@ -120,6 +184,7 @@ class _State:
         self.can_encode = self.can_decode = False
         self.cleanup: Callable[[], None] | None = None
         self.warm_up: dict | None = None
+        self.on_failure: Callable[[str], None] | None = None  # serve: the model failed to load -> exit
 
     def start(self) -> None:
         if self.pipe is not None:
@@ -132,9 +197,12 @@ class _State:
             loaded = self.loader()
             self.pipe, self.cleanup = loaded if isinstance(loaded, tuple) else (loaded, None)
             self._prepare()
-        except Exception as e:  # noqa: BLE001 - reported by /ready
-            log.exception("loading the model failed")
+        except Exception as e:  # noqa: BLE001 - reported by /health and /ready, then serve exits
+            log.error("loading the model failed: %s: %s", type(e).__name__, e)
+            log.debug("the load's traceback", exc_info=True)
             self.error = f"{type(e).__name__}: {e}"
+            if self.on_failure is not None:
+                self.on_failure(self.error)
 
     def _prepare(self) -> None:
         """Load the image side now, so that the first request does not pay for it."""
@@ -159,6 +227,16 @@ class _State:
         self.scheduler = Scheduler(self.pipe, SchedulerConfig(max_batch=c.max_batch, max_queue=c.max_queue,
                                                               request_timeout=c.request_timeout,
                                                               batch_linger_s=c.batch_linger_s)).start()
+
+    def begin_shutdown(self) -> None:
+        """A shutdown signal: waiting requests answer 503 now, new ones too; running ones go on."""
+        self.shutting_down = True
+        if self.scheduler is not None:
+            ended = self.scheduler.drain()
+            log.info("shutting down: %d waiting request(s) answered 503; running ones get up to %g s",
+                     ended, self.config.shutdown_timeout)
+
+    shutting_down = False
 
     def stop(self) -> None:
         if self.scheduler is not None:
@@ -191,7 +269,10 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
 
     app = FastAPI(title="llada2uni", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llada2uni = state
-    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(_Guard, config=config)
+    # remote image fetches wait on other servers: their own threads, so that they cannot hold up the
+    # default pool that decodes uploads
+    fetch_pool = ThreadPoolExecutor(max_workers=max(1, config.remote_fetches), thread_name_prefix="llada2uni-fetch")
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -200,6 +281,17 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
     @app.exception_handler(BodyTooLarge)
     async def _body_too_large(request, e):
         return _error_response(_too_large(config.max_body_bytes))
+
+    @app.exception_handler(BodyTimeout)
+    async def _body_timeout(request, e):
+        log.info("%s: the request body did not arrive within %g s", request.url.path, config.body_timeout)
+        return _error_response(APIError(408, f"the request body did not arrive within {config.body_timeout:g} s",
+                                        code="request_timeout", headers={"Connection": "close"}))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, e):  # the client left mid-upload: nobody to answer, nothing to log loudly
+        log.debug("%s: the client disconnected before its request was read", request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
@@ -236,6 +328,8 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
 
     @app.get("/health")
     async def health():
+        if state.error:  # the model failed to load: not healthy (serve exits too)
+            return JSONResponse({"status": "failed", "error": state.error}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/ready")
@@ -349,18 +443,16 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
         return tasks.Picture(image, name)
 
     async def fetch_remote(url: str, param: str) -> bytes:
-        def get() -> bytes:
-            with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - opt-in, http(s) only
-                data = r.read(config.max_body_bytes + 1)
-            if len(data) > config.max_body_bytes:
-                raise APIError(400, f"{param}: the remote image is larger than {config.max_body_bytes:,} bytes")
-            return data
+        from .net import FetchError, fetch_image
+        fetch = partial(fetch_image, url, max_bytes=config.max_body_bytes, deadline_s=config.remote_timeout,
+                        allow_private=config.remote_allow_private)
         try:
-            return await asyncio.to_thread(get)
-        except APIError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise APIError(400, f"{param}: cannot fetch {url}: {e}", param=param) from None
+            return await asyncio.get_running_loop().run_in_executor(fetch_pool, fetch)
+        except FetchError as e:
+            raise APIError(400, f"{param}: cannot fetch the image: {e}", param=param) from None
+        except Exception as e:  # noqa: BLE001 - details (ports, addresses) stay in the log
+            log.info("fetching %s failed: %s: %s", url, type(e).__name__, e)
+            raise APIError(400, f"{param}: cannot fetch the image", param=param) from None
 
     def image_items(results: list[dict], fmt: str) -> list[dict]:
         items = []
@@ -406,12 +498,26 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
 
     # ---- images ----
 
+    def require_json(request: Request) -> None:
+        """JSON routes take only application/json: a form or text/plain POST from another site's page
+        (which needs no CORS preflight) is refused before it is read."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise APIError(415, f"send the request body as JSON with 'Content-Type: application/json' "
+                           f"(got {kind or 'no content type'!r})", code="unsupported_media_type")
+
+    async def json_body(request: Request, model):
+        require_json(request)
+        raw = await request.body()
+        # parsed off the event loop: a large body must not hold up /health and the other requests
+        return await asyncio.to_thread(parse_json, model, raw)
+
     @app.post("/v1/images/generations", dependencies=auth)
     async def images_generations(request: Request):
         state.ready()
-        body = parse_json(ImageGenerationBody, await request.body())
+        body = await json_body(request, ImageGenerationBody)
         check_output(body.response_format, body.n)
-        width, height = parse_size(body.size or config.default_size, max_side=config.max_side)
+        width, height = parse_size(config.default_size if body.size is None else body.size, max_side=config.max_side)
         task = partial(tasks.text_to_image, pipe=state.pipe, prompt=body.prompt, width=width, height=height,
                        n=body.n, steps=body.steps, cfg_scale=body.cfg_scale, mode=body.mode, seed=body.seed,
                        decode=body.response_format == "b64_json", decode_mode=decode_mode(body.decode_mode),
@@ -455,7 +561,7 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
             raise APIError(400, "this checkpoint has no image tokenizer: editing is unavailable")
         check_output(body.response_format, body.n)
         grid = None
-        if body.size:
+        if body.size is not None:
             w, h = parse_size(body.size, max_side=config.max_side)
             grid = (h // 32, w // 32)
         pictures = [await read_picture(await f.read(), f.filename or f"image {i}", f"image[{i}]")
@@ -476,7 +582,17 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
     # ---- chat ----
 
     async def chat_messages(body: ChatBody) -> list[dict]:
-        """OpenAI messages -> the tasks' messages: text parts and decoded, checked pictures."""
+        """OpenAI messages -> the tasks' messages: text parts and decoded, checked pictures. The text's
+        size is checked first: nothing is tokenised (in the model worker, holding it) unless it is
+        within the limits."""
+        if len(body.messages) > config.max_messages:
+            raise APIError(400, f"messages: at most {config.max_messages} per request, got {len(body.messages)}",
+                           param="messages", code="too_many_messages")
+        chars = sum(len(m.content) if isinstance(m.content, str) else
+                    sum(len(p.text) for p in m.content if p.type == "text") for m in body.messages)
+        if chars > config.max_chat_chars:
+            raise APIError(400, f"messages: {chars:,} characters of text; this server takes at most "
+                           f"{config.max_chat_chars:,} per request", param="messages", code="context_length_exceeded")
         out, count = [], 0
         for i, m in enumerate(body.messages):
             if isinstance(m.content, str):
@@ -511,7 +627,7 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
         state.ready()
-        body = parse_json(ChatBody, await request.body())
+        body = await json_body(request, ChatBody)
         messages = await chat_messages(body)
         chat_id = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
@@ -569,11 +685,12 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
         if not state.can_decode:
             raise APIError(400, "this checkpoint has no image decoder: image output is unavailable")
         seed = opts.seed if opts.seed is not None else body.seed
-        if opts.size:
+        if opts.size is not None:
             width, height = parse_size(opts.size, max_side=config.max_side, param="image_generation.size")
         elif opts.image_h is not None or opts.image_w is not None:
             default_w, default_h = parse_size(config.default_size, max_side=config.max_side)
-            height, width = opts.image_h or default_h, opts.image_w or default_w
+            height = default_h if opts.image_h is None else opts.image_h
+            width = default_w if opts.image_w is None else opts.image_w
             check_sides(width, height, max_side=config.max_side, param="image_generation.image_h/image_w")
         else:
             width, height = parse_size(config.default_size, max_side=config.max_side)
@@ -582,7 +699,7 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
                       decode_mode=decode_mode(opts.decode_mode), decoder_steps=opts.decoder_steps,
                       temperature=body.temperature)
         if pictures:
-            explicit = opts.size or opts.image_h is not None or opts.image_w is not None
+            explicit = opts.size is not None or opts.image_h is not None or opts.image_w is not None
             task = partial(tasks.edit, pictures=pictures, grid=(height // 32, width // 32) if explicit else None,
                            cfg_text_scale=opts.cfg_text_scale, cfg_image_scale=opts.cfg_image_scale, **common)
         else:

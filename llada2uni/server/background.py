@@ -13,12 +13,16 @@ from typing import Iterator
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, *, timeout: float = 30.0,
                     log_level: str = "warning") -> Iterator[str]:
     """Serve ``app`` on ``host:port`` (0: a free port) until the block exits; yields the base URL."""
-    import uvicorn
+    from .net import Server, uvicorn_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+    state = getattr(app.state, "llada2uni", None)
+    config = state.config if state is not None else None
+    server = Server(uvicorn_config(app, header_timeout=getattr(config, "header_timeout", 15.0),
+                                   shutdown_timeout=getattr(config, "shutdown_timeout", 30.0), log_level=log_level),
+                    on_exit=state.begin_shutdown if state is not None else None)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -96,6 +96,7 @@ class Job:
         self._on_event = on_event
         self._cancelled = threading.Event()
         self._reason: str | None = None
+        self.started = False  # some work of this job was taken by the worker (a drain lets it finish)
 
     # ---- cancellation ----
 
@@ -170,6 +171,7 @@ class Scheduler:
         self._live: set[Job] = set()
         self._paused = False
         self._stopping = False
+        self._draining = False
         self._running = 0  # jobs in the work item the worker is running
         self._jobs = ThreadPoolExecutor(max_workers=self.config.max_queue, thread_name_prefix="llada2uni-job")
         self._worker = threading.Thread(target=self._loop, name="llada2uni-worker", daemon=True)
@@ -203,6 +205,22 @@ class Scheduler:
             self._worker.join(timeout)
         self._jobs.shutdown(wait=False)  # queued job threads start, see the cancel and end
 
+    def drain(self) -> int:
+        """Begin a shutdown: new jobs are refused (``ShuttingDown``) and admitted jobs none of whose
+        work has started answer ``ShuttingDown`` now; started ones run on until ``stop``. Returns
+        the number of jobs ended."""
+        with self._cond:
+            self._draining = True
+            waiting = [job for job in self._live if not job.started]
+            self._cond.notify_all()
+        for job in waiting:
+            job.cancel("shutdown")
+        return len(waiting)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining or self._stopping
+
     def pause(self) -> None:
         """Stop taking new work (the running item finishes). For tests and maintenance."""
         with self._cond:
@@ -219,7 +237,7 @@ class Scheduler:
                timeout: float | None = None) -> Job:
         """Admit a job running ``task(job)`` in a job thread; its result lands in ``job.future``."""
         with self._cond:
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise ShuttingDown("the server is shutting down")
             if self._admitted >= self.config.max_queue:
                 self.counters["rejected"] += 1
@@ -267,7 +285,7 @@ class Scheduler:
         job.check()
         item = _Work(job, kind, payload, Future())
         with self._cond:
-            if self._stopping:
+            if self._stopping or (self._draining and not job.started):
                 raise ShuttingDown("the server is shutting down")
             self._queue.append(item)
             self._cond.notify_all()
@@ -294,6 +312,8 @@ class Scheduler:
                 first = self._queue.popleft()
                 batch = self._take_batch(first) if first.kind == "denoise" else [first]
                 self._running = len(batch)
+                for item in batch:
+                    item.job.started = True
             try:
                 if first.kind == "denoise":
                     self._run_batch(batch)
@@ -399,6 +419,7 @@ class Scheduler:
                     size += item.size
                 self._running += len(taken)
             for item in taken:
+                item.job.started = True
                 live.append(item)
                 requests.extend(item.payload[0])
                 progress.add(item, block)
