@@ -61,11 +61,30 @@ def _add_decode_args(p: argparse.ArgumentParser, *, default_mode: str = "normal"
     p.add_argument("--resolution_multiplier", type=int, default=2)
 
 
+def _check_output(path: str | Path | None) -> None:
+    """Refuse an output file path that cannot be written, before any model work."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"error: --output {path} is a folder; give a file name like {path / 'image.png'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SystemExit(f"error: --output {path}: {parent} is a file, not a folder")
+            break
+
+
 def _save(image, path: Path) -> Path:
+    _check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)  # never leave a half-written PNG under the final name
+    try:
+        image.save(tmp, format="PNG")
+        tmp.replace(path)  # never leave a half-written PNG under the final name
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -77,8 +96,9 @@ def _load_image_token_file(path: str):
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"error: image token file not found: {path}") from None
-    except Exception as e:
-        raise SystemExit(f"error: cannot read image token file {path}: {e}") from None
+    except Exception as e:  # torch's own message advises weights_only=False: never for a file from elsewhere
+        raise SystemExit(f"error: cannot read image token file {path}: not a PyTorch file of tensors, lists "
+                         f"and numbers ({type(e).__name__})") from None
     try:
         codes = torch.as_tensor(data["semantic_token_ids"]).flatten().tolist()
         size = data["metadata"]["processed_size"]
@@ -142,6 +162,7 @@ def cmd_t2i(args) -> int:
         raise SystemExit("error: pass --prompt or --prompts_file")
     if args.output and len(prompts) > 1:
         raise SystemExit("error: --output names one file; use --output_dir for several prompts")
+    _check_output(args.output)
     pipe = _load(args)
     kw = dict(steps=args.steps, cfg_scale=args.cfg_scale, mode=args.mode, block_length=args.block_length,
               thinking_steps=args.thinking_steps, thinking_gen_length=args.thinking_gen_length,
@@ -175,6 +196,7 @@ def cmd_understand(args) -> int:
 
 
 def cmd_edit(args) -> int:
+    _check_output(args.output)
     pipe = _load(args)
     items, hs, ws = _sources(pipe, args)
     r = pipe.edit_image(items, hs, ws, instruction=args.instruction, steps=args.steps,
@@ -226,7 +248,10 @@ def cmd_demo(args) -> int:
     pipe.progress = not args.quiet
     report: dict = {"note": "random tiny weights: texts and images are noise by design"}
 
-    t2i = pipe.generate_image("a lighthouse at dusk", 512, 512, steps=4, cfg_scale=2.0, seed=args.seed)
+    side = args.size
+    if side < 64 or side % 32:
+        raise SystemExit(f"error: --size must be a multiple of 32 of at least 64, got {side}")
+    t2i = pipe.generate_image("a lighthouse at dusk", side, side, steps=4, cfg_scale=2.0, seed=args.seed)
     image = pipe.decode_tokens(t2i["token_ids"], t2i["h"], t2i["w"], mode="turbo", seed=args.seed)
     _save(image, out / "t2i_turbo.png")
     normal = pipe.decode_tokens(t2i["token_ids"], t2i["h"], t2i["w"], mode="normal", steps=6, seed=args.seed)
@@ -396,8 +421,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp8", action="store_true", help="the tiny backbone in the FP8 checkpoint's layout")
+    p.add_argument("--size", type=int, default=512,
+                   help="text-to-image side in pixels")
     p.set_defaults(func=cmd_demo)
+    for p in sub.choices.values():
+        # the global flags also after the subcommand (SUPPRESS: an absent one keeps the global value)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level")
+        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+        _both_spellings(p)
     return parser
+
+
+def _both_spellings(parser: argparse.ArgumentParser) -> None:
+    """``--low_memory`` and ``--low-memory`` alike for every option (the official scripts use
+    underscores, ``serve`` dashes): the other spelling is added where it is free."""
+    for action in list(parser._actions):
+        for option in list(action.option_strings):
+            if not option.startswith("--"):
+                continue
+            other = "--" + (option[2:].replace("_", "-") if "_" in option else option[2:].replace("-", "_"))
+            if other != option and other not in parser._option_string_actions:
+                action.option_strings.append(other)
+                parser._option_string_actions[other] = action
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,10 +37,38 @@ def init_fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.init}
 
 
-def from_known_keys(cls, raw: dict[str, Any]):
-    """``cls`` built from the keys of ``raw`` it knows; unknown keys are dropped."""
-    names = init_fields(cls)
-    return cls(**{k: v for k, v in raw.items() if k in names})
+def _accepts(annotation: str, value: Any) -> bool:
+    """Whether a JSON value fits a field's annotation ("int", "float | None", "list[int]", ...):
+    JSON has no int/float distinction for floats, but "64" is not an int and 3.5 is not one either."""
+    for kind in (part.strip() for part in annotation.split("|")):
+        base = kind.split("[")[0]
+        if base == "None" and value is None:
+            return True
+        if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if base in ("bool", "str", "dict") and type(value).__name__ == base:
+            return True
+        if base in ("list", "tuple") and isinstance(value, (list, tuple)):
+            return True
+        if base not in ("None", "int", "float", "bool", "str", "dict", "list", "tuple"):
+            return True  # a type this check does not know: the dataclass's own validation decides
+    return False
+
+
+def from_known_keys(cls, raw: dict[str, Any], where: str = ""):
+    """``cls`` built from the keys of ``raw`` it knows (unknown keys are dropped); a value of the
+    wrong JSON type is a ConfigError naming the key, not a TypeError deep in the model."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values = {k: v for k, v in raw.items() if k in fields}
+    for key, value in values.items():
+        annotation = fields[key].type if isinstance(fields[key].type, str) else getattr(
+            fields[key].type, "__name__", "")
+        if not _accepts(annotation, value):
+            raise ConfigError(f"{where}config key {key!r} must be {annotation.replace(' | ', ' or ')}, got "
+                              f"{value!r} ({type(value).__name__})")
+    return cls(**values)
 
 
 def require(checks: list[tuple[bool, str]], where: str = "") -> None:
@@ -97,6 +125,8 @@ class BackboneConfig:
     model_type: str = "llada2_moe"
     # derived
     image_vocab_size: int = field(init=False)
+    REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
     num_kv_groups: int = field(init=False)
     qkv_size: int = field(init=False)
     experts_per_group: int = field(init=False)
@@ -141,6 +171,11 @@ class BackboneConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "BackboneConfig":
+        """From a checkpoint's config.json: the keys that fix the model's shapes must be there (a
+        missing one would silently build the 16B model's size); the others may fall back."""
+        missing = [k for k in cls.REQUIRED_KEYS if k not in raw]
+        if missing:
+            raise ConfigError(f"config.json lacks {', '.join(missing)} (keys every LLaDA2 MoE config has)")
         return from_known_keys(cls, raw)
 
     @classmethod

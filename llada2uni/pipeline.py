@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from .models.backbone import LLaDA2MoeForLM
 from .ops.attention import block_causal_mask, rope_positions
 from .quant import decoder_mode
 from .sampling.block import DenoiseRequest, generate
-from .sampling.guidance import Guidance
+from .sampling.guidance import Guidance, check_scales
 from .sampling.sprint import Sprint, supports
 from .tokens import Tokens, TokenError, align_rows
 from .weights import backbone_quant, load_backbone, resolve_checkpoint, resolve_device, resolve_dtype
@@ -34,6 +35,27 @@ log = logging.getLogger(__name__)
 BLOCK_LENGTH = 32
 # The official generate_image's canvas (gen_length): steps are clamped to it // minimal_topk.
 T2I_GEN_LENGTH = 1088
+
+
+CPU_THREADS_MAX = 8
+
+
+def cap_cpu_threads() -> int:
+    """torch's CPU thread pool, sized to the cores this process may use, at most ``CPU_THREADS_MAX``:
+    torch's default (every core of the machine) oversubscribes a busy or shared machine, and runs
+    there were 8-50x slower than on an idle one. Done once per process, and never when
+    ``OMP_NUM_THREADS`` is set (then that is the choice). Returns the thread count in use."""
+    if "OMP_NUM_THREADS" in os.environ or getattr(cap_cpu_threads, "done", False):
+        return torch.get_num_threads()
+    cap_cpu_threads.done = True
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    want = max(1, min(usable, CPU_THREADS_MAX))
+    if torch.get_num_threads() > want:
+        torch.set_num_threads(want)
+    return torch.get_num_threads()
 
 
 class BackboneLogits:
@@ -97,7 +119,9 @@ class LLaDA2Uni:
         self._image_decoder = None
         self.logits_fn = BackboneLogits(model)
         self.use_cache = True
-        self.progress = False  # tqdm bars over blocks (the CLI turns them on)
+        # tqdm bars over blocks and decoder steps: on when stderr is a terminal (a notebook or a shell),
+        # off in logs and servers; set it either way
+        self.progress = sys.stderr is not None and sys.stderr.isatty()
         self.last_stats: dict = {}
 
     @classmethod
@@ -121,6 +145,8 @@ class LLaDA2Uni:
         from .memory import DEFAULT_RESERVE_GIB, Memory, parse_tier, place_backbone
 
         dev = resolve_device(device)
+        if dev.type == "cpu":
+            cap_cpu_threads()
         dt = resolve_dtype(dtype, default=torch.bfloat16 if dev.type == "cuda" else torch.float32)
         budget = memory if isinstance(memory, Memory) else parse_tier(memory)
         if budget is not None and not isinstance(budget, Memory) and dev.type != "cuda":
@@ -327,6 +353,8 @@ class LLaDA2Uni:
         w = self._alias("w", w, "image_w", image_w)
         sprint = self._sprint(use_sprint, keep_ratio, cache_warmup_steps, image_keep_ratio, text_keep_ratio,
                               confidence_alpha, remasking)
+        if image_tokens is None or (isinstance(image_tokens, (list, tuple)) and not image_tokens):
+            raise ValueError("understand_image needs an image (tokens, or a picture), or a non-empty list of them")
         images = self._image_list(image_tokens, h, w, mode="understand")
         prompt = self.tokens.understand_prompt(images, question, template)
         ids = self._denoise_text(prompt, gen_length=gen_length, steps=steps, block_length=block_length,
@@ -361,6 +389,8 @@ class LLaDA2Uni:
         """Text (and image-token) chat; ``messages`` as ``[{"role": ..., "content": ...}]`` or a string."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("chat needs a message string or a non-empty list of {'role', 'content'} dicts")
         prompt = self.tokens.chat_prompt(messages)
         ids = self._denoise_text(prompt, gen_length=gen_length, steps=steps, block_length=block_length,
                                  threshold=threshold, temperature=temperature, seed=seed,
@@ -388,15 +418,11 @@ class LLaDA2Uni:
 
     @staticmethod
     def _check_scale(**scales: float) -> None:
-        import math
-        for name, value in scales.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        check_scales(**scales)
 
     @staticmethod
     def _check_rescale(value: float) -> None:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"cfg_rescale must lie in [0, 1], got {value!r}")
+        check_scales(cfg_rescale=value)
 
     def generate_image(self, prompt: str | list[str], image_h: int = 1024, image_w: int = 1024, *,
                        steps: int = 16, cfg_scale: float = 4.0, block_length: int = BLOCK_LENGTH,
@@ -440,6 +466,8 @@ class LLaDA2Uni:
                                             seed=None if seed is None else seed + i, **sprint_kw)
                         for i, p in enumerate(prompt)]
             prompts = list(prompt)
+            if not prompts:
+                raise ValueError("generate_image needs a prompt, or a non-empty list of prompts")
         else:
             prompts = [prompt]
         for p in prompts:

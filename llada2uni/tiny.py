@@ -161,6 +161,10 @@ def boost_tokens(directory: str | Path, boosts: dict[str, float]) -> None:
     save_file(tensors, str(shard), metadata={"format": "pt"})
 
 
+# A tiny checkpoint's own marker: ``overwrite`` replaces only folders that carry it.
+TINY_MARKER = ".llada2uni-tiny"
+
+
 def make_tiny(directory: str | Path, seed: int = 0, *, overwrite: bool = False,
               boosts: dict[str, float] | None = None, image_side: bool = True,
               fp8: bool | tuple[int, int] = False) -> Path:
@@ -172,14 +176,22 @@ def make_tiny(directory: str | Path, seed: int = 0, *, overwrite: bool = False,
     (rows, cols)), with its ``quantization_config``.
 
     Written into a temporary sibling folder first and renamed at the end, so an interrupted run
-    never leaves a half-written checkpoint behind.
+    never leaves a half-written checkpoint behind. ``overwrite`` replaces an earlier tiny checkpoint
+    (one carrying ``TINY_MARKER``), never a folder holding anything else.
     """
     import shutil
     import tempfile
 
     directory = Path(directory).expanduser().resolve()
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True / --overwrite)")
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is a file, not a folder")
+    if directory.exists() and any(directory.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True / --overwrite)")
+        if not (directory / TINY_MARKER).is_file():  # replace only what this function wrote
+            held = sorted(p.name for p in directory.iterdir())
+            raise FileExistsError(f"{directory} is not a tiny checkpoint written by llada2uni (it holds "
+                                  f"{', '.join(held[:5])}{', ...' if len(held) > 5 else ''}): not replacing it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -190,6 +202,7 @@ def make_tiny(directory: str | Path, seed: int = 0, *, overwrite: bool = False,
             raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                           "weight_block_size": list(block)}
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        (tmp / TINY_MARKER).write_text("written by llada2uni.tiny.make_tiny; --overwrite replaces this folder\n")
         write_backbone_shards(tmp, config, seed, fp8_block=block)
         write_tiny_tokenizer(tmp)
         if image_side:

@@ -336,6 +336,8 @@ class Tokens:
     def _content(content: Any) -> tuple[list[Image], str]:
         if isinstance(content, str):
             return [], content
+        if not isinstance(content, (list, tuple)):
+            raise TokenError(f"message content must be a string or a list of parts, got {type(content).__name__}")
         images, texts = [], []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None

@@ -83,7 +83,7 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike, *, revision: str | None 
         raise CheckpointError(
             f"{name!r} is not in the local Hugging Face cache and cannot be downloaded (offline: "
             "no network, or HF_HUB_OFFLINE=1). Download it on a connected machine "
-            f"(`huggingface-cli download {name}`) or pass a local folder.") from None
+            f"(`hf download {name}`) or pass a local folder.") from None
     except Exception as e:  # network, auth, unknown repo: one clear message
         raise CheckpointError(f"could not fetch {name!r} from the Hugging Face Hub: "
                               f"{type(e).__name__}: {e}") from None
@@ -110,6 +110,27 @@ def shard_map(directory: Path) -> dict[str, Path]:
     if missing:
         raise CheckpointError(f"missing shard file(s) listed in {index.name}: {', '.join(missing)}")
     return files
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def check_float_dtypes(dtypes: dict[str, str], where: str) -> None:
+    """Weights must be floating point: an int32 tensor where a weight belongs is a broken
+    checkpoint, not something to cast silently."""
+    bad = sorted(n for n, d in dtypes.items() if d not in FLOAT_DTYPES)
+    if bad:
+        raise CheckpointError(f"{where}: tensor {bad[0]} is {dtypes[bad[0]]}, not a floating-point type"
+                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+
+def read_tensor(f, name: str, path: Path):
+    """``f.get_tensor(name)``, a CheckpointError naming the tensor and file when its data is unreadable
+    (a truncated or corrupt shard: the header alone was fine)."""
+    try:
+        return f.get_tensor(name)
+    except Exception as e:
+        raise CheckpointError(f"cannot read tensor {name} from {path}: {type(e).__name__}: {e}") from None
 
 
 def _open(path: Path, safe_open):
@@ -147,6 +168,10 @@ def tensor_meta(files: dict[str, Path]) -> tuple[dict[str, str], dict[str, tuple
     for path, names in by_file.items():
         with _open(path, safe_open) as f:
             present = set(f.keys())
+            unlisted = sorted(n for n in present if n not in files)
+            if unlisted:  # a shard that does not match its index: a mixed-up or half-updated checkpoint
+                raise CheckpointError(f"{path.name} holds tensor(s) the index does not list: "
+                                      f"{', '.join(unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}")
             for name in names:
                 if name not in present:
                     raise CheckpointError(f"tensor {name} is listed in the index for {path.name} but not in it")
@@ -175,6 +200,7 @@ def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: to
 
     files_all = files = shard_map(directory)
     dtypes, shapes = tensor_meta(files)
+    check_float_dtypes(dtypes, str(directory))
     try:
         layout = discover(quant_config, dtypes, shapes)
     except QuantError as e:
@@ -225,11 +251,11 @@ def load_checkpoint(model: nn.Module, directory: Path, plan: dict, *, device: to
                 dest = params[target.param]
                 if target.index is not None:
                     dest = dest[target.index]
-                tensor = f.get_tensor(name)
+                tensor = read_tensor(f, name, path)
                 scale = None
                 if dtypes[name] in FP8_DTYPES:
                     sname = layout.scale_name(name)
-                    scale = shard(files_all[sname]).get_tensor(sname)
+                    scale = read_tensor(shard(files_all[sname]), sname, files_all[sname])
                 if target.param in quant_blocks:
                     block = quant_blocks[target.param]
                     sdest = params[scale_name(target.param)]

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import torch
 
 from llada2uni.cli import main
@@ -20,16 +22,17 @@ def test_make_tiny_and_understand(tmp_path, capsys):
 def test_demo_writes_outputs(tmp_path, capsys):
     from PIL import Image
     out = tmp_path / "out"
-    assert main(["--quiet", "demo", "--output_dir", str(out)]) == 0
+    # 128 px keeps the CPU decodes small
+    assert main(["--quiet", "demo", "--output_dir", str(out), "--size", "128"]) == 0
     report = json.loads((out / "report.json").read_text())
     for name in ("t2i_turbo.png", "t2i_normal.png", "t2i_thinking.png", "edit.png"):
         with Image.open(out / name) as im:
             im.load()
             assert im.mode == "RGB"
     with Image.open(out / "t2i_turbo.png") as im:
-        assert im.size == (512, 512)
+        assert im.size == (128, 128)
     assert isinstance(report["understand_tokens"], str) and isinstance(report["understand_image"], str)
-    assert report["edit"]["grid"] == [32, 32]
+    assert report["edit"]["grid"] == [32, 32]  # the edit resize, whatever the source size
     assert report["interleave"] and report["interleave"][0]["type"] in ("text", "image")
 
 
@@ -96,3 +99,45 @@ def test_quant_and_memory_options_reach_from_pretrained(tiny_dir, monkeypatch, c
     assert (seen["quant"], seen["decoder_quant"], seen["memory"]) == ("int8", "none", "16")
     args = build_parser().parse_args(["serve", "--model", "tiny", "--memory", "24", "--decoder-quant", "fp8"])
     assert (args.memory, args.decoder_quant, args.quant) == ("24", "fp8", "auto")
+
+
+def test_files_are_never_deleted_or_half_written(tmp_path, capsys, tiny_dir):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["make-tiny", str(mine), "--overwrite"]) == 2
+    assert (mine / "notes.txt").read_text() == "keep me" and "not replacing it" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert main(["make-tiny", str(tmp_path / "a-file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    ck = tmp_path / "ck"
+    assert main(["make-tiny", str(ck)]) == 0
+    assert main(["make-tiny", str(ck), "--overwrite"]) == 0  # its own earlier checkpoint: replaced
+    demo = tmp_path / "demo" / "tiny-checkpoint"
+    demo.mkdir(parents=True)
+    (demo / "mine.txt").write_text("keep")
+    assert main(["demo", "--output_dir", str(tmp_path / "demo"), "--quiet", "--size", "64"]) == 2
+    assert (demo / "mine.txt").read_text() == "keep"
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SystemExit, match="is a folder"):
+        main(["t2i", "--model_path", str(tiny_dir), "--device", "cpu", "--prompt", "p", "--output", str(out)])
+    assert list(out.iterdir()) == [] and not list(tmp_path.glob("*.part"))
+
+
+def test_both_spellings_and_global_flags_after_the_subcommand():
+    from llada2uni.cli import build_parser
+    a = build_parser().parse_args(["chat", "--model-path", "m", "--low-memory", "--gen-length", "8", "hi", "--quiet"])
+    assert (a.model_path, a.low_memory, a.gen_length, a.quiet) == ("m", True, 8, True)
+    b = build_parser().parse_args(["serve", "--model", "tiny", "--low_memory", "--max_batch", "4", "-v"])
+    assert (b.low_memory, b.max_batch, b.verbose) == (True, 4, True)
+    c = build_parser().parse_args(["--quiet", "chat", "--model_path", "m", "hi"])
+    assert c.quiet is True and c.verbose is False  # a global flag before the subcommand still counts
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, llada2uni, llada2uni.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

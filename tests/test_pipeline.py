@@ -186,3 +186,20 @@ def test_joining_in_the_middle_of_a_block_is_exact_on_the_backbone(pipe):
     assert joined and len(out.tokens) == 2 and max(out.steps_per_block) <= 4
     alone = [generate(pipe.logits_fn, [r], mask_id=mask).tokens[0] for r in (first, late)]
     assert out.tokens == alone
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: p.generate_image("a", 64, 64, cfg_scale=float("nan"), steps=2), "cfg_scale must be a finite"),
+    (lambda p: p.generate_image("a", 64, 64, cfg_scale=float("inf"), steps=2), "cfg_scale must be a finite"),
+    (lambda p: p.edit_image([p.image_token_offset] * 4, 2, 2, "x", cfg_text_scale=float("nan"),
+                            cfg_image_scale=float("nan")), "cfg_text_scale must be a finite"),
+    (lambda p: p.chat("hi", temperature=-1, steps=2, gen_length=8), "temperature must be a finite number >= 0"),
+    (lambda p: p.chat("hi", temperature=float("nan"), steps=2, gen_length=8), "temperature must be"),
+    (lambda p: p.generate_image([], 64, 64), "needs a prompt, or a non-empty list"),
+    (lambda p: p.chat([{"role": "user", "content": None}]), "content must be a string or a list"),
+    (lambda p: p.chat([]), "non-empty list"),
+    (lambda p: p.understand_image([], question="q"), "needs an image"),
+])
+def test_bad_numbers_and_empty_inputs_are_named(pipe, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(pipe)

@@ -153,3 +153,53 @@ def test_unknown_device_and_dtype():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_a_tensor_in_a_shard_but_not_in_the_index_is_refused(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    _rewrite_shard(d, lambda tensors, index, shard: tensors.__setitem__("stray.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match="does not list: stray.weight"):
+        load_backbone(d, device=CPU, dtype=torch.float32)
+
+
+def test_an_integer_weight_is_refused_not_cast(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+
+    def to_int(tensors, index, shard):
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name].to(torch.int32)
+    _rewrite_shard(d, to_int)
+    with pytest.raises(CheckpointError, match="is I32, not a floating-point type"):
+        load_backbone(d, device=CPU, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("hidden_size", "64", "'hidden_size' must be int, got '64'"),
+    ("num_hidden_layers", 3.5, "'num_hidden_layers' must be int, got 3.5"),
+    ("use_qk_norm", "yes", "'use_qk_norm' must be bool"),
+    ("num_experts", None, "lacks num_experts"),
+])
+def test_config_values_of_the_wrong_type_or_missing_are_named(tiny_dir, tmp_path, capsys, key, value, message):
+    from llada2uni.cli import main
+    from llada2uni.config import ConfigError
+    d = _copy(tiny_dir, tmp_path)
+    raw = json.loads((d / "config.json").read_text())
+    if value is None:
+        del raw[key]
+    else:
+        raw[key] = value
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=message):
+        load_backbone(d, device=CPU, dtype=torch.float32)
+    assert main(["chat", "--model_path", str(d), "--device", "cpu", "hi"]) == 2  # a message, no traceback
+    assert message.split(",")[0].strip("'") in capsys.readouterr().err
+
+
+def test_unreadable_tensor_data_is_named(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = d / sorted(set(index["weight_map"].values()))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-64])  # the header intact, the last tensor's bytes cut short
+    with pytest.raises(CheckpointError, match=shard.name):
+        load_backbone(d, device=CPU, dtype=torch.float32)

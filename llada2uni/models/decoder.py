@@ -255,19 +255,25 @@ def load_safetensors_strict(model: nn.Module, folder: Path, names: Sequence[str]
     Names and shapes are all checked from the file headers before any memory is allocated."""
     from safetensors import safe_open
 
+    from ..weights import check_float_dtypes, read_tensor
+
     files = weight_files(folder, names)
-    shapes = {}
+    shapes, dtypes = {}, {}
     for path in sorted(set(files.values())):
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if files.get(k) == path})
+            for k in f.keys():
+                if files.get(k) == path:
+                    sl = f.get_slice(k)
+                    shapes[k], dtypes[k] = tuple(sl.get_shape()), sl.get_dtype()
     _check_plan(model, plan, shapes, str(folder))
+    check_float_dtypes(dtypes, str(folder))
 
     def tensors():
         for path in sorted(set(files.values())):
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for k in f.keys():
                     if files.get(k) == path:
-                        yield k, f.get_tensor(k)
+                        yield k, read_tensor(f, k, path)
 
     _fill(model, plan, tensors, device, dtype)
 

@@ -8,6 +8,8 @@ request share its canvas (committed tokens are written into all of them). SPRINT
 
 from __future__ import annotations
 
+import math
+
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -89,6 +91,11 @@ def _check(req: DenoiseRequest) -> None:
         )
     if req.gen_length < 1:
         raise ValueError("gen_length must be >= 1")
+    # nan compares false with everything: unchecked, it silently turns guidance or sampling off
+    if not (math.isfinite(req.temperature) and req.temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {req.temperature!r}")
+    if math.isnan(req.threshold):  # (above 1 is allowed: no position is ever accepted by threshold)
+        raise ValueError("threshold must be a number, got nan")
 
 
 def _pruned_view(cache: Any, sprint: Sprint, x: LongTensor, conf: torch.Tensor, lo: int, hi: int,

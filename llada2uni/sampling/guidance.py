@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 KINDS = ("none", "simple", "edit")
+
+
+def check_scales(**values: float) -> None:
+    """Guidance numbers must be finite (nan compares false with everything: unchecked, it turns
+    guidance off without a word); ``cfg_rescale`` lies in [0, 1]."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if name == "cfg_rescale" and not 0.0 <= value <= 1.0:
+            raise ValueError(f"cfg_rescale must be in [0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,8 @@ class Guidance:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"guidance kind must be one of {KINDS}, got {self.kind!r}")
+        check_scales(cfg_scale=self.scale, cfg_text_scale=self.text_scale, cfg_image_scale=self.image_scale,
+                     cfg_rescale=self.rescale)
 
     @property
     def num_rows(self) -> int:
