@@ -64,7 +64,11 @@ def test_chat_text_and_message_limits_come_before_tokenising(edge, pipe, monkeyp
         many = [{"role": "user", "content": "a"}] * 50
         r = c.post("/v1/chat/completions", json={**CHAT, "messages": many})
         assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_messages"
-        assert not calls  # neither reached the tokenizer
+        t = time.monotonic()
+        r = c.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "a"}] * 100_000})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_messages"
+        assert time.monotonic() - t < 2  # refused before 100k messages are parsed into objects
+        assert not calls  # none reached the tokenizer
         assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
         assert calls
 
