@@ -276,7 +276,9 @@ def cmd_demo(args) -> int:
                                                         steps=8, gen_length=64)
     report["understand_image"] = pipe.understand_image(image, question="Describe it.", steps=8, gen_length=64)
 
-    edited = pipe.edit_image(image, instruction="make the sky red", steps=4, seed=args.seed)
+    # the output grid of the t2i picture's size (the edit resize alone would make it 32x32 codes)
+    edited = pipe.edit_image(image, instruction="make the sky red", steps=4, seed=args.seed,
+                             output_h=side // 16, output_w=side // 16)
     _save(pipe.decode_tokens(edited["token_ids"], edited["h"], edited["w"], seed=args.seed), out / "edit.png")
     report["edit"] = {"grid": [edited["h"], edited["w"]], "file": "edit.png"}
 

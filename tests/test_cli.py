@@ -32,7 +32,7 @@ def test_demo_writes_outputs(tmp_path, capsys):
     with Image.open(out / "t2i_turbo.png") as im:
         assert im.size == (128, 128)
     assert isinstance(report["understand_tokens"], str) and isinstance(report["understand_image"], str)
-    assert report["edit"]["grid"] == [32, 32]  # the edit resize, whatever the source size
+    assert report["edit"]["grid"] == [8, 8]
     assert report["interleave"] and report["interleave"][0]["type"] in ("text", "image")
 
 
@@ -66,7 +66,8 @@ def test_t2i_edit_understand_interleave_write_pngs(tiny_dir, tmp_path, capsys):
     assert main(["--quiet", "understand", *common, "--image", str(src), "--question", "what?", "--steps", "4",
                  "--gen_length", "8"]) == 0
     assert main(["--quiet", "edit", *common, "--image", str(src), "--image", str(src), "--instruction", "red",
-                 "--steps", "2", "--decode_mode", "turbo", "--output", str(tmp_path / "edited.png")]) == 0
+                 "--steps", "2", "--decode_mode", "turbo", "--resolution_multiplier", "1",
+                 "--output", str(tmp_path / "edited.png")]) == 0
     assert _png(tmp_path / "edited.png")[0] > 0
     assert main(["--quiet", "interleave", *common, "--prompt", "story", "--max_frames", "1", "--steps", "4",
                  "--image_steps", "2", "--gen_length", "32", "--output_dir", str(tmp_path / "il")]) == 0
