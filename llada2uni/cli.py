@@ -29,11 +29,11 @@ MEMORY_HELP = ("GPU memory tier in GiB: 80 (everything resident), 24 (backbone, 
                "16 (and experts stream from pinned CPU memory), or any number of GiB")
 
 
-def _add_memory_args(p: argparse.ArgumentParser, dash: str = "_") -> None:
-    """--quant, --decoder_quant, --memory (``dash``: "-" for the server's option style)."""
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    """--quant, --decoder_quant, --memory (``_both_spellings`` adds --decoder-quant)."""
     p.add_argument("--quant", default="auto", choices=["auto", "none", "fp8", "fp8-channel", "int8"],
                    help=QUANT_HELP)
-    p.add_argument(f"--decoder{dash}quant", dest="decoder_quant", default="auto", choices=["auto", "none", "fp8"],
+    p.add_argument("--decoder_quant", default="auto", choices=["auto", "none", "fp8"],
                    help="DiT block linears: fp8 (W8A8), none, auto (fp8 when the backbone is FP8)")
     p.add_argument("--memory", default=None, help=MEMORY_HELP)
 
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--low-memory", action="store_true", help="free the diffusion decoder after each image")
-    _add_memory_args(p, dash="-")
+    _add_memory_args(p)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $LLADA2UNI_API_KEY)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-batch", type=int, default=32, help="denoising requests sharing one forward")

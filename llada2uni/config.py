@@ -123,10 +123,11 @@ class BackboneConfig:
     mask_token_id: int = 156895
     torch_dtype: str = "bfloat16"
     model_type: str = "llada2_moe"
-    # derived
-    image_vocab_size: int = field(init=False)
+    # from_dict: keys that fix the model's shapes, required in a config.json (not a field)
     REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+    # derived
+    image_vocab_size: int = field(init=False)
     num_kv_groups: int = field(init=False)
     qkv_size: int = field(init=False)
     experts_per_group: int = field(init=False)

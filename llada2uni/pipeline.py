@@ -148,10 +148,12 @@ class LLaDA2Uni:
         if dev.type == "cpu":
             cap_cpu_threads()
         dt = resolve_dtype(dtype, default=torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        budget = memory if isinstance(memory, Memory) else parse_tier(memory)
-        if budget is not None and not isinstance(budget, Memory) and dev.type != "cuda":
+        mem = memory if isinstance(memory, Memory) else None
+        budget = None if mem is not None else parse_tier(memory)
+        if budget is not None and dev.type != "cuda":
             log.warning("memory=%s is a GPU budget: ignored on %s (everything stays where it is)", memory, dev)
-            budget = None
+        elif budget is not None:
+            mem = Memory(budget, dev, reserve_gib=DEFAULT_RESERVE_GIB if reserve_gib is None else reserve_gib)
         directory = resolve_checkpoint(path_or_repo, revision=revision)
         mode = backbone_quant(directory, quant, dev)
         dit_mode = decoder_mode(decoder_quant, mode, dev)
@@ -160,14 +162,9 @@ class LLaDA2Uni:
             from .config import BackboneConfig
             from .runtime import Precompile
             precompile = Precompile(BackboneConfig.from_file(directory / "config.json"), dev, dt, quant=mode)
-        mem = None
-        if budget is not None:  # on the CPU first (8-bit weights quantized on the device), then the arena
-            mem = budget if isinstance(budget, Memory) else \
-                Memory(budget, dev, reserve_gib=DEFAULT_RESERVE_GIB if reserve_gib is None else reserve_gib)
-            model = load_backbone(directory, device=torch.device("cpu"), dtype=dt, quant=mode or "none",
-                                  quant_device=dev)
-        else:
-            model = load_backbone(directory, device=dev, dtype=dt, quant=mode or "none")
+        # under a budget: on the CPU first (8-bit weights quantized on the device), then the arena
+        model = load_backbone(directory, device=torch.device("cpu") if mem is not None else dev, dtype=dt,
+                              quant=mode or "none", quant_device=dev if mem is not None else None)
         stream = place_backbone(mem, model) if mem is not None else None
         tokens = Tokens.from_pretrained(directory, model.config)
         pipe = cls(model, tokens, directory, keep_decoder=keep_decoder, image_device=image_device, memory=mem)
@@ -416,14 +413,6 @@ class LLaDA2Uni:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{what} must be a non-empty string")
 
-    @staticmethod
-    def _check_scale(**scales: float) -> None:
-        check_scales(**scales)
-
-    @staticmethod
-    def _check_rescale(value: float) -> None:
-        check_scales(cfg_rescale=value)
-
     def generate_image(self, prompt: str | list[str], image_h: int = 1024, image_w: int = 1024, *,
                        steps: int = 16, cfg_scale: float = 4.0, block_length: int = BLOCK_LENGTH,
                        gen_length: int = T2I_GEN_LENGTH, mode: str = "normal", thinking_steps: int = 32,
@@ -474,8 +463,7 @@ class LLaDA2Uni:
             self._check_prompt(p)
         if mode not in ("normal", "thinking"):
             raise ValueError(f"mode must be 'normal' or 'thinking', got {mode!r}")
-        self._check_scale(cfg_scale=cfg_scale)
-        self._check_rescale(cfg_rescale)
+        check_scales(cfg_scale=cfg_scale, cfg_rescale=cfg_rescale)
         gh, gw = self._grid(image_h, image_w, strict_sizes)
         guidance = (Guidance("simple", scale=cfg_scale, rescale=cfg_rescale) if cfg_scale != 1.0
                     else Guidance())
@@ -546,8 +534,7 @@ class LLaDA2Uni:
         sprint = self._sprint(use_sprint, keep_ratio, cache_warmup_steps, image_keep_ratio, text_keep_ratio,
                               confidence_alpha, remasking)
         self._check_prompt(instruction, "instruction")
-        self._check_scale(cfg_text_scale=cfg_text_scale, cfg_image_scale=cfg_image_scale)
-        self._check_rescale(cfg_rescale)
+        check_scales(cfg_text_scale=cfg_text_scale, cfg_image_scale=cfg_image_scale, cfg_rescale=cfg_rescale)
         if image_tokens is None or (isinstance(image_tokens, (list, tuple)) and not image_tokens):
             raise ValueError("editing needs at least one source image")
         images = self._image_list(image_tokens, h, w, mode="edit")
@@ -582,7 +569,7 @@ class LLaDA2Uni:
         self._check_prompt(prompt)
         if max_frames < 0:
             raise ValueError(f"max_frames must be >= 0, got {max_frames}")
-        self._check_scale(cfg_scale=cfg_scale, cfg_text_scale=cfg_text_scale,
+        check_scales(cfg_scale=cfg_scale, cfg_text_scale=cfg_text_scale,
                           cfg_image_scale=cfg_image_scale, cfg_rescale=cfg_rescale)
         ids = self.tokens.ids
         gen = self._generator(seed)

@@ -197,6 +197,12 @@ QUANT_CHOICES = ("auto", "none", *MODES)
 DIT_MODE = QuantMode("fp8-w8a8", torch.float8_e4m3fn, None, act="fp8")
 
 
+def has_fp8(device: torch.device | None) -> bool:
+    """Whether FP8 weights can be kept on ``device``: any CPU (the reference path), and GPUs from
+    Ada/Hopper on (FP8 tensor cores; before them FP8 becomes int8)."""
+    return device is None or device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def resolve_mode(quant: str | QuantMode | None, layout: "Fp8Layout | None" = None,
                  device: torch.device | None = None) -> QuantMode | None:
     """The resident mode for ``quant`` ("auto", "none", "fp8", "fp8-channel", "int8"). "auto": an FP8
@@ -215,8 +221,7 @@ def resolve_mode(quant: str | QuantMode | None, layout: "Fp8Layout | None" = Non
             mode = QuantMode("fp8", torch.float8_e4m3fn, block)
         else:
             mode = MODES[key]
-    if mode.dtype != torch.int8 and device is not None and device.type == "cuda" and \
-            torch.cuda.get_device_capability(device) < (8, 9):
+    if mode.dtype != torch.int8 and not has_fp8(device):
         return MODES["int8"]
     return mode
 
@@ -404,7 +409,7 @@ def decoder_mode(decoder_quant: str | None, backbone: QuantMode | None,
     key = "auto" if decoder_quant is None else str(decoder_quant).lower()
     if key not in DECODER_QUANT_CHOICES:
         raise ValueError(f"decoder_quant must be one of {', '.join(DECODER_QUANT_CHOICES)}; got {decoder_quant!r}")
-    fp8_ok = device is None or device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+    fp8_ok = has_fp8(device)
     if key == "fp8":
         if not fp8_ok:
             raise ValueError("decoder_quant='fp8' needs a GPU with FP8 tensor cores (Ada, Hopper or newer)")

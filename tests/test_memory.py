@@ -202,3 +202,15 @@ def test_fast_path_under_a_budget_matches_the_resident_fast_path_on_gpu(tiny_dir
         b = p.chat("Hello there", steps=8, gen_length=32, seed=0)  # after the DiT used the arena
         out[name] = (a, t2i["token_ids"], b, image.size)
     assert out["budget"] == out["resident"]
+
+
+def test_a_full_precision_decoder_under_a_budget_decodes_as_the_resident_one(tiny_dir):
+    resident = _pipe(tiny_dir)
+    mem = _memory(2 * _bytes(resident.image_decoder.dit("turbo")))
+    pipe = _pipe(tiny_dir, memory=mem)
+    codes = list(range(16))
+    want = resident.decode_tokens(codes, 4, 4, seed=0).tobytes()
+    assert pipe.decode_tokens(codes, 4, 4, seed=0).tobytes() == want
+    pipe.chat("hi", steps=2, gen_length=8)  # the backbone takes the arena back
+    assert pipe.decode_tokens(codes, 4, 4, seed=0).tobytes() == want
+    assert mem.stats()["groups"].keys() == {"backbone", "dit-turbo"}

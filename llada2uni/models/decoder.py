@@ -407,9 +407,7 @@ class ImageDecoder:
                 from ..quant import quantize_dit
                 quantize_dit(model, self.quant, device=self.device, dtype=self.dtype,
                              store=cpu if self.memory is not None else self.device)
-            elif staged:
-                model.to(self.device)
-            if self.memory is not None:
+            if self.memory is not None:  # from the CPU copy into the arena (``Memory.add``)
                 self.memory.add(self.group(mode), model)
             if model.config.in_channels != self.vae.config.latent_channels:
                 raise CheckpointError(f"{folder}: in_channels {model.config.in_channels} != the VAE's "

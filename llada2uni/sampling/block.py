@@ -8,9 +8,8 @@ request share its canvas (committed tokens are written into all of them). SPRINT
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 

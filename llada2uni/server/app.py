@@ -230,13 +230,10 @@ class _State:
 
     def begin_shutdown(self) -> None:
         """A shutdown signal: waiting requests answer 503 now, new ones too; running ones go on."""
-        self.shutting_down = True
         if self.scheduler is not None:
             ended = self.scheduler.drain()
             log.info("shutting down: %d waiting request(s) answered 503; running ones get up to %g s",
                      ended, self.config.shutdown_timeout)
-
-    shutting_down = False
 
     def stop(self) -> None:
         if self.scheduler is not None:
@@ -266,6 +263,7 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
         state.start()
         yield
         state.stop()
+        fetch_pool.shutdown(wait=False)
 
     app = FastAPI(title="llada2uni", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llada2uni = state
@@ -506,11 +504,22 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
             raise APIError(415, f"send the request body as JSON with 'Content-Type: application/json' "
                            f"(got {kind or 'no content type'!r})", code="unsupported_media_type")
 
-    async def json_body(request: Request, model):
+    async def json_body(request: Request, model, precheck: Callable[[bytes], None] | None = None):
+        """The body as ``model``, parsed off the event loop (a large body must not hold up /health and
+        the other requests); ``precheck(raw)`` may refuse it before it is parsed."""
         require_json(request)
         raw = await request.body()
-        # parsed off the event loop: a large body must not hold up /health and the other requests
+        if precheck is not None:
+            precheck(raw)
         return await asyncio.to_thread(parse_json, model, raw)
+
+    def few_messages(raw: bytes) -> None:
+        # every message has a "role" key, so far more of those than the message limit is refused
+        # unparsed (900,000 tiny messages cost seconds and a GB of objects to validate; the x4 leaves
+        # room for the word inside texts, where it is escaped anyway)
+        if raw.count(b'"role"') > 4 * config.max_messages:
+            raise APIError(400, f"messages: at most {config.max_messages} per request", param="messages",
+                           code="too_many_messages")
 
     @app.post("/v1/images/generations", dependencies=auth)
     async def images_generations(request: Request):
@@ -627,15 +636,7 @@ def create_app(config: ServerConfig | None = None, *, pipe=None, loader: Callabl
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
         state.ready()
-        require_json(request)
-        raw = await request.body()
-        # Before parsing: every message has a "role" key, so far more of those than the message limit
-        # is refused unparsed (900,000 tiny messages cost seconds and a GB of objects to validate;
-        # the x4 leaves room for the word inside texts, where it is escaped anyway).
-        if raw.count(b'"role"') > 4 * config.max_messages:
-            raise APIError(400, f"messages: at most {config.max_messages} per request", param="messages",
-                           code="too_many_messages")
-        body = await asyncio.to_thread(parse_json, ChatBody, raw)
+        body = await json_body(request, ChatBody, precheck=few_messages)
         messages = await chat_messages(body)
         chat_id = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())

@@ -18,10 +18,11 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, *, timeout: flo
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    from .app import ServerConfig
     state = getattr(app.state, "llada2uni", None)
-    config = state.config if state is not None else None
-    server = Server(uvicorn_config(app, header_timeout=getattr(config, "header_timeout", 15.0),
-                                   shutdown_timeout=getattr(config, "shutdown_timeout", 30.0), log_level=log_level),
+    config = state.config if state is not None else ServerConfig()
+    server = Server(uvicorn_config(app, header_timeout=config.header_timeout, shutdown_timeout=config.shutdown_timeout,
+                                   log_level=log_level),
                     on_exit=state.begin_shutdown if state is not None else None)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()

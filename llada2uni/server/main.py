@@ -59,8 +59,6 @@ def _missing_local_path(model: str) -> bool:
 
 def serve(args) -> int:
     try:
-        import uvicorn  # noqa: F401
-
         from .app import ServerConfig, create_app
         from .net import Server, uvicorn_config
     except ImportError as e:

@@ -111,12 +111,16 @@ class FetchError(Exception):
     """A remote image that cannot be fetched; the message is safe to show the client."""
 
 
-def public_address(host: str, port: int) -> tuple[int, tuple]:
-    """Resolve ``host``; (family, sockaddr) of its first address, if every address is public."""
+def _resolve(host: str, port: int) -> list[tuple]:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise FetchError("its host name does not resolve") from None
+
+
+def public_address(host: str, port: int) -> tuple[int, tuple]:
+    """Resolve ``host``; (family, sockaddr) of its first address, if every address is public."""
+    infos = _resolve(host, port)
     for family, _, _, _, sockaddr in infos:
         ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -128,35 +132,28 @@ def public_address(host: str, port: int) -> tuple[int, tuple]:
     return family, sockaddr
 
 
-class _Pinned:
-    """http.client connections to an address checked beforehand (TLS still verifies the host name)."""
-
-    def __init__(self, family: int, sockaddr: tuple, timeout: float) -> None:
-        self.family, self.sockaddr, self.connect_timeout = family, sockaddr, timeout
-        self.sock = None  # the connected (TLS-wrapped) socket
-
-    def open(self) -> socket.socket:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
-        sock.settimeout(self.connect_timeout)
+def _connection(scheme: str, host: str, port: int, family: int, sockaddr: tuple,
+                timeout: float) -> http.client.HTTPConnection:
+    """An http.client connection to an address checked beforehand (TLS still verifies the host name)."""
+    def pinned() -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
         try:
-            sock.connect(self.sockaddr)
+            sock.connect(sockaddr)
         except OSError:
             sock.close()
             raise
         return sock
 
-
-def _connection(scheme: str, host: str, port: int, pinned: _Pinned, timeout: float) -> http.client.HTTPConnection:
     if scheme == "https":
         class Conn(http.client.HTTPSConnection):
             def connect(self):
-                self.sock = pinned.sock = ssl.create_default_context().wrap_socket(pinned.open(),
-                                                                                   server_hostname=host)
+                self.sock = ssl.create_default_context().wrap_socket(pinned(), server_hostname=host)
         return Conn(host, port, timeout=timeout)
 
     class Plain(http.client.HTTPConnection):
         def connect(self):
-            self.sock = pinned.sock = pinned.open()
+            self.sock = pinned()
     return Plain(host, port, timeout=timeout)
 
 
@@ -176,12 +173,11 @@ def fetch_image(url: str, *, max_bytes: int, deadline_s: float = 15.0, allow_pri
             raise FetchError("only http(s) URLs with a host are fetched")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         if allow_private:
-            infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-            family, sockaddr = infos[0][0], infos[0][4]
+            info = _resolve(parts.hostname, port)[0]
+            family, sockaddr = info[0], info[4]
         else:
             family, sockaddr = public_address(parts.hostname, port)
-        pinned = _Pinned(family, sockaddr, min(5.0, left()))
-        conn = _connection(parts.scheme, parts.hostname, port, pinned, min(5.0, left()))
+        conn = _connection(parts.scheme, parts.hostname, port, family, sockaddr, min(5.0, left()))
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             try:

@@ -217,10 +217,6 @@ class Scheduler:
             job.cancel("shutdown")
         return len(waiting)
 
-    @property
-    def draining(self) -> bool:
-        return self._draining or self._stopping
-
     def pause(self) -> None:
         """Stop taking new work (the running item finishes). For tests and maintenance."""
         with self._cond:
